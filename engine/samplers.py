@@ -1,0 +1,186 @@
+"""Samplers in x0 form, exact at zero terminal SNR: DDIM, EDM Euler/Heun, DPM-Solver++(2M).
+
+Each sampler is two pure functions: `plan_*` builds the run's coefficients on the host in
+float64 (branches on schedule values happen here, once), and `sample_*` is the loop, which only
+indexes device tensors, so it has no host sync and a CUDA graph can capture it whole.
+
+State is the VP latent x_t = a_t*x0 + s_t*eps (a_t = sqrt(abar_t), s_t = sqrt(1 - abar_t)).
+`denoise(x, k)` evaluates the model at evaluation point k of the plan and returns (x0, eps).
+After the last listed timestep every sampler lands on abar = 1, where x == x0.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import schedules
+from .config import SamplerConfig
+
+_F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything one sampling run needs, fixed before the loop starts (host float64)."""
+
+    sampler: str
+    timesteps: torch.Tensor  # [E] model timestep of each evaluation point
+    abar: torch.Tensor  # [E] abar at each evaluation point
+    coef: torch.Tensor  # [S, K] per-step update coefficients
+    corrector: tuple[bool, ...] = ()  # heun: per step, whether a second evaluation follows
+
+    @property
+    def num_steps(self) -> int:
+        return self.coef.shape[0]
+
+    def to(self, device, dtype=torch.float32) -> "DevicePlan":
+        """Device copy: timesteps, a, s and coefficients as `dtype` tensors."""
+        def put(t):
+            return t.to(device=device, dtype=dtype)
+        return DevicePlan(self, put(self.timesteps), put(self.abar.sqrt()),
+                          put((1 - self.abar).sqrt()), put(self.coef))
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """A Plan's tensors on the device the loop runs on."""
+
+    plan: Plan
+    timesteps: torch.Tensor  # [E]
+    a: torch.Tensor  # [E]
+    s: torch.Tensor  # [E]
+    coef: torch.Tensor  # [S, K]
+
+
+def step_schedule(config: SamplerConfig, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps [S], abar [S+1]) of the sampling steps; abar[S] = 1 is the clean target."""
+    abar_train = config.train_abar()
+    if config.timestep_spacing == "karras":
+        schedules.check_num_steps(config.num_train_timesteps, num_steps)
+        t, abar = schedules.karras_timesteps(abar_train, num_steps, config.rho,
+                                             config.sigma_min, config.sigma_max)
+    else:
+        t = schedules.spaced_timesteps(config.timestep_spacing, config.num_train_timesteps,
+                                       num_steps, config.steps_offset)
+        abar = abar_train[t]
+        t = t.to(_F64)
+    return t, torch.cat([abar, torch.ones(1, dtype=_F64)])
+
+
+def plan_ddim(t: torch.Tensor, abar: torch.Tensor, eta: float) -> Plan:
+    """Song et al. eq. 12 in x0 form; coef[i] = (sqrt(abar_p), eps weight, sigma)."""
+    abar_t, abar_p = abar[:-1], abar[1:]
+    sigma = eta * ((1 - abar_p) / (1 - abar_t) * (1 - abar_t / abar_p)).sqrt()
+    # Clamped: at eta = 1 and zero SNR this is one ulp below zero in fp32 (diffusers #5969).
+    c_eps = (1 - abar_p - sigma**2).clamp(min=0).sqrt()
+    return Plan("ddim", t, abar_t, torch.stack([abar_p.sqrt(), c_eps, sigma], dim=1))
+
+
+def sample_ddim(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor) -> torch.Tensor:
+    """DDIM: x_p = sqrt(abar_p)*x0 + sqrt(1 - abar_p - sigma^2)*eps + sigma*z. noise: [B, S, ...]."""
+    c = plan.coef
+    for i in range(plan.plan.num_steps):
+        x0, eps = denoise(x, i)
+        x = c[i, 0] * x0 + c[i, 1] * eps + c[i, 2] * noise[:, i]
+    return x
+
+
+def plan_dpmpp_2m(t: torch.Tensor, abar: torch.Tensor) -> Plan:
+    """Lu et al. 2022 DPM-Solver++(2M); coef[i] = (weight of x, of x0_i, of x0_{i-1})."""
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    lam = torch.log(a) - torch.log(s)  # -inf at abar = 0, +inf at abar = 1
+    h = lam[1:] - lam[:-1]
+    S = len(t)
+    coef = torch.zeros(S, 3, dtype=_F64)
+    coef[:, 0] = s[1:] / s[:-1]
+    coef[:, 1] = a[1:] * -torch.expm1(-h)
+    for i in range(1, S - 1):  # first order on the first step and on the final step to abar = 1
+        if math.isfinite(float(h[i - 1])):
+            half_over_r = float(h[i] / h[i - 1]) / 2
+            coef[i, 2] = -coef[i, 1] * half_over_r
+            coef[i, 1] = coef[i, 1] * (1 + half_over_r)
+    return Plan("dpmpp_2m", t, abar[:-1], coef)
+
+
+def sample_dpmpp_2m(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver++(2M): x_p = (s_p/s)*x + a_p*(1 - e^-h)*(blend of the last two x0)."""
+    c = plan.coef
+    x0_prev = None
+    for i in range(plan.plan.num_steps):
+        x0, _ = denoise(x, i)
+        x0_prev = x0 if x0_prev is None else x0_prev  # weight 0 on the first step
+        x = c[i, 0] * x + c[i, 1] * x0 + c[i, 2] * x0_prev
+        x0_prev = x0
+    return x
+
+
+def plan_edm(t: torch.Tensor, abar: torch.Tensor, config: SamplerConfig, abar_train: torch.Tensor,
+             second_order: bool) -> Plan:
+    """Karras et al. Algorithm 2 (Heun, or Euler without the corrector), churn included.
+
+    coef[i] = (churn weight of x, churn weight of z, a_p, s_p, corrector weight of x_hat,
+    corrector weight of eps + eps'). sigma = inf (zero SNR) gets no churn and no corrector.
+    """
+    sigma = schedules.sigmas_from_abar(abar)  # [S+1], last is 0
+    S = len(t)
+    gamma_max = min(config.s_churn / S, math.sqrt(2) - 1)
+    in_band = (sigma[:-1] >= config.s_tmin) & (sigma[:-1] <= config.s_tmax) & torch.isfinite(sigma[:-1])
+    gamma = torch.where(in_band, torch.tensor(gamma_max, dtype=_F64), torch.zeros((), dtype=_F64))
+    sig_hat = sigma[:-1] * (1 + gamma)
+    abar_hat = torch.where(gamma > 0, 1 / (1 + sig_hat**2), abar[:-1])
+    t_hat = torch.where(gamma > 0, schedules.timestep_for_sigma(sig_hat, abar_train), t)
+    a_hat, a, a_p = abar_hat.sqrt(), abar[:-1].sqrt(), abar[1:].sqrt()
+    corrector = tuple(bool(second_order and torch.isfinite(sig_hat[i]) and sigma[i + 1] > 0)
+                      for i in range(S))
+    coef = torch.zeros(S, 6, dtype=_F64)
+    churn = gamma > 0  # only where sigma is finite, so a > 0 there
+    coef[:, 0] = torch.where(churn, a_hat / a, 1.0)
+    coef[:, 1] = torch.where(churn, a_hat * (sig_hat**2 - sigma[:-1] ** 2).sqrt() * config.s_noise, 0.0)
+    coef[:, 2], coef[:, 3] = a_p, (1 - abar[1:]).sqrt()
+    for i in range(S):
+        if corrector[i]:
+            coef[i, 4] = a_p[i] / a_hat[i]
+            coef[i, 5] = a_p[i] * (sigma[i + 1] - sig_hat[i]) / 2
+    # Evaluation points: the (churned) point of each step, then the corrector's point if any.
+    ts, abars = [], []
+    for i in range(S):
+        ts.append(t_hat[i]), abars.append(abar_hat[i])
+        if corrector[i]:
+            ts.append(t[i + 1]), abars.append(abar[i + 1])
+    name = "heun" if second_order else "euler"
+    return Plan(name, torch.stack(ts), torch.stack(abars), coef, corrector)
+
+
+def sample_edm(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor) -> torch.Tensor:
+    """Churn, Euler step in x0 form, Heun correction where the plan has one."""
+    c, k = plan.coef, 0
+    for i, correct in enumerate(plan.plan.corrector):
+        x = c[i, 0] * x + c[i, 1] * noise[:, i]  # x_hat; identity where gamma = 0
+        x0, eps = denoise(x, k)
+        x_next = c[i, 2] * x0 + c[i, 3] * eps  # = a_p * (x_hat/a_hat + (sigma_p - sigma_hat) * eps)
+        k += 1
+        if correct:
+            _, eps_next = denoise(x_next, k)
+            x_next = c[i, 4] * x + c[i, 5] * (eps + eps_next)
+            k += 1
+        x = x_next
+    return x
+
+
+def make_plan(config: SamplerConfig, num_steps: int, eta: float = 0.0) -> Plan:
+    """The plan of `config.sampler` for num_steps steps (eta is DDIM's, 0 = deterministic)."""
+    t, abar = step_schedule(config, num_steps)
+    if config.sampler == "ddim":
+        return plan_ddim(t, abar, eta)
+    if config.sampler == "dpmpp_2m":
+        return plan_dpmpp_2m(t, abar)
+    return plan_edm(t, abar, config, config.train_abar(), second_order=config.sampler == "heun")
+
+
+SAMPLE_FNS = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m, "euler": sample_edm,
+              "heun": sample_edm}
+
+
+def sample(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor) -> torch.Tensor:
+    """Run the plan's sampler from x (x_T) to the clean sample."""
+    return SAMPLE_FNS[plan.plan.sampler](denoise, x, plan, noise)

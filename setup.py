@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lumen-diffusion",
+    version="0.1.0",
+    description="Zero-terminal-SNR diffusion inference engine (Lin et al. 2023 fixes, fused kernels).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*",
+                                    "export", "export.*", "benchmarks", "benchmarks.*"]),
+    package_data={"engine": ["builtin/weights/*/*/*.json", "builtin/weights/*/*/*.safetensors"]},
+    install_requires=[
+        "torch>=2.4",
+        "diffusers>=0.30",
+        "transformers>=4.40",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "pillow>=9.0",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
+        "tensorrt": ["tensorrt>=10.0"],
+        "kernels": ["triton>=3.0"],
+        "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7"],
+        "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "triton>=3.0", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["lumen=engine.cli:main"]},
+)
