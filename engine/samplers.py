@@ -33,6 +33,12 @@ class Plan:
     def num_steps(self) -> int:
         return self.coef.shape[0]
 
+    @property
+    def needs_noise(self) -> bool:
+        """Whether any step draws fresh noise (DDIM with eta > 0, EDM churn)."""
+        column = {"ddim": 2, "euler": 1, "heun": 1}.get(self.sampler)
+        return column is not None and bool(self.coef[:, column].any())
+
     def to(self, device, dtype=torch.float32) -> "DevicePlan":
         """Device copy: timesteps, a, s and coefficients as `dtype` tensors."""
         def put(t):
@@ -76,12 +82,14 @@ def plan_ddim(t: torch.Tensor, abar: torch.Tensor, eta: float) -> Plan:
     return Plan("ddim", t, abar_t, torch.stack([abar_p.sqrt(), c_eps, sigma], dim=1))
 
 
-def sample_ddim(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor) -> torch.Tensor:
+def sample_ddim(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor,
+                callback=None) -> torch.Tensor:
     """DDIM: x_p = sqrt(abar_p)*x0 + sqrt(1 - abar_p - sigma^2)*eps + sigma*z. noise: [B, S, ...]."""
     c = plan.coef
     for i in range(plan.plan.num_steps):
         x0, eps = denoise(x, i)
         x = c[i, 0] * x0 + c[i, 1] * eps + c[i, 2] * noise[:, i]
+        _notify(callback, i)
     return x
 
 
@@ -102,7 +110,8 @@ def plan_dpmpp_2m(t: torch.Tensor, abar: torch.Tensor) -> Plan:
     return Plan("dpmpp_2m", t, abar[:-1], coef)
 
 
-def sample_dpmpp_2m(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor) -> torch.Tensor:
+def sample_dpmpp_2m(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor,
+                    callback=None) -> torch.Tensor:
     """DPM-Solver++(2M): x_p = (s_p/s)*x + a_p*(1 - e^-h)*(blend of the last two x0)."""
     c = plan.coef
     x0_prev = None
@@ -111,6 +120,7 @@ def sample_dpmpp_2m(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Ten
         x0_prev = x0 if x0_prev is None else x0_prev  # weight 0 on the first step
         x = c[i, 0] * x + c[i, 1] * x0 + c[i, 2] * x0_prev
         x0_prev = x0
+        _notify(callback, i)
     return x
 
 
@@ -151,7 +161,8 @@ def plan_edm(t: torch.Tensor, abar: torch.Tensor, config: SamplerConfig, abar_tr
     return Plan(name, torch.stack(ts), torch.stack(abars), coef, corrector)
 
 
-def sample_edm(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor) -> torch.Tensor:
+def sample_edm(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor,
+               callback=None) -> torch.Tensor:
     """Churn, Euler step in x0 form, Heun correction where the plan has one."""
     c, k = plan.coef, 0
     for i, correct in enumerate(plan.plan.corrector):
@@ -164,6 +175,7 @@ def sample_edm(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor) 
             x_next = c[i, 4] * x + c[i, 5] * (eps + eps_next)
             k += 1
         x = x_next
+        _notify(callback, i)
     return x
 
 
@@ -181,6 +193,12 @@ SAMPLE_FNS = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m, "euler": sample_
               "heun": sample_edm}
 
 
-def sample(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor) -> torch.Tensor:
-    """Run the plan's sampler from x (x_T) to the clean sample."""
-    return SAMPLE_FNS[plan.plan.sampler](denoise, x, plan, noise)
+def sample(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor,
+           callback=None) -> torch.Tensor:
+    """Run the plan's sampler from x (x_T) to the clean sample; callback(i) after each step."""
+    return SAMPLE_FNS[plan.plan.sampler](denoise, x, plan, noise, callback)
+
+
+def _notify(callback, i: int) -> None:
+    if callback is not None:
+        callback(i)

@@ -1,0 +1,193 @@
+"""Train a built-in model: text encoder + pixel UNet jointly on procedural scenes.
+
+    python -m engine.builtin.train --variant default   # zero terminal SNR, v-prediction
+    python -m engine.builtin.train --variant flawed    # SD schedule, epsilon
+
+The two variants share seed, data, architecture and step count; only the training schedule
+and loss target differ (Lin et al. 2023 section 3: the flawed one never sees pure noise).
+"""
+import argparse
+import copy
+import json
+import math
+import pathlib
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from ..config import PRESETS, SamplerConfig
+from ..errors import InvalidInputError
+from . import WEIGHTS_DIR, scenes
+from .models import unet_config
+from .text import LumenTextEncoder, WordTokenizer, save_text_model
+
+VARIANTS = {"default": SamplerConfig(), "flawed": PRESETS["sd"]}
+MAX_LENGTH = 10  # BOS + the longest caption (8 words) + slack
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run; defaults are the shipped models'."""
+
+    variant: str = "default"
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    seed: int = 0
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.995
+    threads: int = 1  # on the shared 2-core machine 2 threads ran 2.3x slower than 1
+    text_dim: int = 64
+    tiny: bool = False  # a toy-sized model and 8x8 images, for tests
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise InvalidInputError(f"variant={self.variant!r}; expected one of {sorted(VARIANTS)}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise InvalidInputError(f"steps={self.steps}, batch_size={self.batch_size}; expected >= 1")
+
+    @property
+    def image_size(self) -> int:
+        return 8 if self.tiny else scenes.IMAGE_SIZE
+
+
+def build_models(config: TrainConfig) -> tuple[LumenTextEncoder, UNet2DConditionModel]:
+    """Freshly initialised encoder and UNet, seeded by config.seed."""
+    torch.manual_seed(config.seed)
+    tokenizer = WordTokenizer(scenes.vocabulary(), MAX_LENGTH)
+    encoder = LumenTextEncoder(tokenizer, dim=16 if config.tiny else config.text_dim,
+                               num_layers=1 if config.tiny else 2)
+    unet = UNet2DConditionModel(**unet_config(encoder.dim, config.tiny))
+    return encoder, unet
+
+
+def diffusion_loss(encoder, unet, x0: torch.Tensor, captions: list[str], abar: torch.Tensor,
+                   prediction_type: str, g: torch.Generator, caption_dropout: float) -> torch.Tensor:
+    """MSE of the model output against v = a*eps - s*x0 (or eps), t uniform in [0, T-1].
+
+    x0: [B, 3, H, W]; abar: [T] float32; captions are replaced by "" with prob caption_dropout.
+    """
+    B = x0.shape[0]
+    drop = torch.rand(B, generator=g) < caption_dropout
+    captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    t = torch.randint(0, abar.shape[0], (B,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    a, s = abar[t].sqrt().view(B, 1, 1, 1), (1 - abar[t]).sqrt().view(B, 1, 1, 1)
+    x_t = a * x0 + s * eps
+    target = a * eps - s * x0 if prediction_type == "v_prediction" else eps
+    out = unet(x_t, t, encoder_hidden_states=encoder.encode(captions)).sample
+    return torch.nn.functional.mse_loss(out, target)
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual (1+n)/(10+n) warm-up."""
+
+    def __init__(self, modules, decay: float):
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay, self.n = decay, 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, modules) -> None:
+        for p, s in zip((p for m in modules for p in m.parameters()), self.shadow):
+            p.copy_(s)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    u = (step - config.warmup) / max(config.steps - config.warmup, 1)
+    return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * u)))
+
+
+def train(config: TrainConfig, log=print):
+    """Train; returns (encoder, unet) holding the EMA weights, and a stats dict."""
+    torch.set_num_threads(config.threads)
+    encoder, unet = build_models(config)
+    modules = (encoder, unet)
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
+    ema = EMA(modules, config.ema_decay)
+    sampler_config = VARIANTS[config.variant]
+    abar = sampler_config.train_abar().float()
+    data_g = torch.Generator().manual_seed(config.seed)  # identical batches for every variant
+    noise_g = torch.Generator().manual_seed(config.seed + 1)
+    losses, start = [], time.perf_counter()
+    for step in range(config.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, config)
+        x0, captions = scenes.sample_batch(config.batch_size, data_g, config.image_size)
+        loss = diffusion_loss(encoder, unet, x0, captions, abar, sampler_config.prediction_type,
+                              noise_g, config.caption_dropout)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0 or step + 1 == config.steps:
+            log(f"step {step + 1}/{config.steps} loss {sum(losses[-100:]) / len(losses[-100:]):.4f} "
+                f"{time.perf_counter() - start:.0f}s")
+    ema.copy_to(modules)
+    tail = losses[-max(len(losses) // 10, 1):]
+    stats = {"wall_time_s": round(time.perf_counter() - start, 1), "final_loss": losses[-1],
+             "avg_loss_last_10pct": sum(tail) / len(tail), "avg_loss": sum(losses) / len(losses)}
+    return encoder.eval(), unet.eval(), stats
+
+
+def scheduler_config(variant: str) -> dict:
+    """diffusers DDIMScheduler config describing how `variant` was trained (and sampled)."""
+    c = VARIANTS[variant]
+    return {"_class_name": "DDIMScheduler", "num_train_timesteps": c.num_train_timesteps,
+            "beta_schedule": c.beta_schedule, "beta_start": c.beta_start, "beta_end": c.beta_end,
+            "prediction_type": c.prediction_type, "rescale_betas_zero_snr": c.zero_terminal_snr,
+            "timestep_spacing": c.timestep_spacing, "steps_offset": c.steps_offset,
+            "clip_sample": False, "set_alpha_to_one": True}
+
+
+def save_model(out_dir, encoder, unet, config: TrainConfig, stats: dict) -> None:
+    """unet/, text_encoder/, tokenizer/, scheduler/ and training.json under out_dir."""
+    out_dir = pathlib.Path(out_dir)
+    unet.save_pretrained(out_dir / "unet", safe_serialization=True)
+    save_text_model(out_dir, encoder)
+    (out_dir / "scheduler").mkdir(parents=True, exist_ok=True)
+    (out_dir / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(scheduler_config(config.variant), indent=1) + "\n")
+    record = {"command": "python -m engine.builtin.train " + " ".join(sys.argv[1:]),
+              "config": asdict(config), "data_seed": config.seed, "noise_seed": config.seed + 1,
+              "init_seed": config.seed, "torch": torch.__version__, **stats}
+    (out_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="default")
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--threads", type=int, default=TrainConfig.threads)
+    p.add_argument("--out", type=pathlib.Path, default=None,
+                   help="output directory (default: engine/builtin/weights/<variant>)")
+    args = p.parse_args(argv)
+    config = TrainConfig(variant=args.variant, steps=args.steps, batch_size=args.batch_size,
+                         lr=args.lr, seed=args.seed, threads=args.threads)
+    encoder, unet, stats = train(config, log=lambda m: print(m, flush=True))
+    out = args.out or WEIGHTS_DIR / args.variant
+    save_model(out, encoder, unet, config, stats)
+    print(f"saved {out}: {json.dumps(stats)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Model loading: a UNet, a pipeline, a local folder or a built-in name -> Components (no hub)."""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InvalidInputError, InvalidTypeError
+
+
+@dataclass
+class Components:
+    """What the engine runs: the UNet plus the optional text encoder and VAE."""
+
+    unet: torch.nn.Module
+    scheduler_config: dict | None = None  # the model's own, as saved by diffusers
+    text_encoder: object = None  # has encode(list[str]) -> [B, L, D]
+    vae: torch.nn.Module | None = None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell: 2^(VAE depth - 1), or 1 for a pixel-space model."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device, dtype):
+        """Move every module to device/dtype, in place."""
+        for module in (self.unet, self.vae, getattr(self.text_encoder, "module", self.text_encoder)):
+            if isinstance(module, torch.nn.Module):
+                module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return self
+
+
+class ClipPromptEncoder:
+    """Stable Diffusion's prompt encoding: pad to the tokenizer's length, take the last hidden state."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer, self.module = tokenizer, text_encoder
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.module(ids.to(self.module.device))[0]
+
+
+def load_components(model) -> Components:
+    """Components from a UNet2DConditionModel, a DiffusionPipeline, a folder, or a built-in name."""
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    if isinstance(model, UNet2DConditionModel):
+        return _checked(Components(model))
+    if isinstance(model, DiffusionPipeline):
+        return _from_pipeline(model)
+    if isinstance(model, (str, Path)):
+        return _checked(_from_folder(_resolve(model)))
+    raise InvalidTypeError(f"model of type {type(model).__name__}; expected a UNet2DConditionModel, "
+                           "a DiffusionPipeline, a local folder path, or a built-in model name")
+
+
+def _resolve(model) -> Path:
+    from . import builtin
+
+    if isinstance(model, str) and model in builtin.MODEL_NAMES:
+        return builtin.model_dir(model)
+    path = Path(model)
+    if not path.is_dir():
+        raise InvalidInputError(f"model={str(model)!r} is neither a built-in model "
+                                f"({', '.join(builtin.MODEL_NAMES)}) nor an existing local folder; "
+                                "Lumen never downloads weights")
+    return path
+
+
+def _from_folder(path: Path) -> Components:
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    if (path / "model_index.json").is_file():
+        return _from_pipeline(DiffusionPipeline.from_pretrained(path, local_files_only=True))
+    if (path / "unet").is_dir():
+        return Components(UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True),
+                          _read_json(path / "scheduler" / "scheduler_config.json"),
+                          _folder_text_encoder(path), _folder_vae(path))
+    if _read_json(path / "config.json", {}).get("_class_name") == "UNet2DConditionModel":
+        return Components(UNet2DConditionModel.from_pretrained(path, local_files_only=True))
+    raise InvalidInputError(f"folder {str(path)!r} holds no diffusers model: expected "
+                            "model_index.json, a unet/ subfolder, or a UNet config.json")
+
+
+def _folder_text_encoder(path: Path):
+    config = _read_json(path / "text_encoder" / "config.json")
+    if config is None:
+        return None
+    if config.get("_class_name") == "LumenTextEncoder":
+        from .builtin.text import load_text_encoder
+
+        return load_text_encoder(path)
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    return ClipPromptEncoder(AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
+                             CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True))
+
+
+def _folder_vae(path: Path):
+    if not (path / "vae").is_dir():
+        return None
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
+
+
+def _from_pipeline(pipe) -> Components:
+    text_encoder = None
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise InvalidInputError(f"{type(pipe).__name__} has two text encoders (SDXL-style); "
+                                "pass its UNet with prompt_embeds instead")
+    if getattr(pipe, "tokenizer", None) is not None and getattr(pipe, "text_encoder", None) is not None:
+        text_encoder = ClipPromptEncoder(pipe.tokenizer, pipe.text_encoder)
+    scheduler = getattr(pipe, "scheduler", None)
+    config = dict(scheduler.config, _class_name=type(scheduler).__name__) if scheduler else None
+    return _checked(Components(pipe.unet, config, text_encoder, getattr(pipe, "vae", None)))
+
+
+def _checked(components: Components) -> Components:
+    config = components.unet.config
+    if getattr(config, "addition_embed_type", None) is not None:
+        raise InvalidInputError(f"UNet addition_embed_type={config.addition_embed_type!r} (SDXL-style "
+                                "added conditioning) is not supported by the runtime yet; expected None")
+    return components
+
+
+def _read_json(path: Path, default=None):
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InvalidInputError(f"{str(path)!r} is not valid JSON ({err}); expected a config file")

@@ -1,0 +1,160 @@
+"""The public API: `engine.build(model, ...)` returns an Engine; `Engine.run(...)` makes images."""
+import math
+
+import torch
+
+from . import samplers
+from .config import SamplerConfig
+from .errors import BackendUnavailableError, InvalidInputError, InvalidTypeError
+from .guidance import guide
+from .models import Components, load_components
+from .output import OUTPUT_TYPES, decode
+from .prediction import to_x0_eps
+from .prompts import embed_prompts
+from .validation import check_choice, check_int, check_latents, check_real
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None) -> "Engine":
+    """An Engine for `model` (UNet, pipeline, local folder or built-in name), ready to run.
+
+    scheduler=None reads how the model was trained (betas, T, prediction type, zero terminal
+    SNR) from its own scheduler config and samples with Lumen's defaults (trailing DDIM); a
+    diffusers scheduler, its config dict or a SamplerConfig is taken as given.
+    """
+    check_choice("backend", backend, BACKENDS)
+    device = torch.device(device if device is not None else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise InvalidTypeError(f"dtype={dtype}; expected one of {', '.join(map(str, DTYPES))}")
+    components = load_components(model).to(device, dtype)
+    config = sampler_config(scheduler, components.scheduler_config)
+    return Engine(components, config, unet_runner(components.unet, backend, device, dtype), device, dtype)
+
+
+def sampler_config(scheduler, model_config: dict | None) -> SamplerConfig:
+    """SamplerConfig from the user's scheduler argument, else from the model's own config."""
+    if isinstance(scheduler, SamplerConfig):
+        return scheduler
+    if scheduler is not None:
+        return SamplerConfig.from_diffusers(scheduler)
+    if model_config is not None:
+        return SamplerConfig.from_diffusers(model_config, training_only=True)
+    return SamplerConfig()  # a bare UNet: assume Lin et al.'s setup (zero SNR, v-prediction)
+
+
+def unet_runner(unet, backend: str, device, dtype):
+    """runner(sample, timestep, encoder_hidden_states) -> UNet output, on the chosen backend."""
+    if backend == "torch":
+        return lambda x, t, emb: unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+    try:
+        from export import load_runner
+    except ImportError as err:
+        raise BackendUnavailableError(f"backend={backend!r} cannot load ({err}); "
+                                      "use backend='torch'") from err
+    return load_runner(unet, backend, device=device, dtype=dtype)
+
+
+class Engine:
+    """A loaded model plus its sampler configuration; `run` is safe to call repeatedly."""
+
+    def __init__(self, components: Components, config: SamplerConfig, runner, device, dtype):
+        self.components, self.config, self.runner = components, config, runner
+        self.device, self.dtype = device, dtype
+
+    def run(self, prompt=None, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
+            num_inference_steps: int = 25, guidance_scale: float = 7.5, guidance_rescale: float = 0.7,
+            eta: float = 0.0, generator=None, latents=None, height=None, width=None,
+            num_images_per_prompt: int = 1, output_type: str = "pil", callback=None):
+        """Generate images; the result has `.images` as in diffusers pipelines.
+
+        callback(i), if given, is called on the host after step i (it must not sync the device).
+        """
+        self._check_scalars(num_inference_steps, guidance_scale, guidance_rescale, eta,
+                            num_images_per_prompt, output_type)
+        cfg = guidance_scale != 1  # w = 1 is the conditional output alone: skip the negative batch
+        pos, neg = embed_prompts(self.components, prompt, negative_prompt, prompt_embeds,
+                                 negative_prompt_embeds, num_images_per_prompt, cfg)
+        shape = self._latent_shape(pos.shape[0], height, width)
+        plan = samplers.make_plan(self.config, num_inference_steps, eta)
+        x_T, noise = draw_noise(generator, shape, plan, self.device, latents)
+        emb = torch.cat([neg, pos]) if cfg else pos  # [negative, positive], as diffusers
+        x0 = self.sample(emb.to(self.device, self.dtype), x_T, noise, plan, guidance_scale,
+                         guidance_rescale, cfg, callback)
+        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
+        return ImagePipelineOutput(images=decode(x0, self.components, output_type))
+
+    @torch.inference_mode()
+    def sample(self, emb, x_T, noise, plan: samplers.Plan, guidance_scale: float,
+               guidance_rescale: float, cfg: bool, callback=None) -> torch.Tensor:
+        """The sampling loop from x_T (fp32) to x0 (fp32); no host sync inside."""
+        dp = plan.to(self.device)
+        w = torch.tensor(guidance_scale, dtype=torch.float32, device=self.device)
+        phi = torch.tensor(guidance_rescale, dtype=torch.float32, device=self.device)
+        prediction_type, runner, dtype = self.config.prediction_type, self.runner, self.dtype
+
+        def denoise(x, k):  # x: [B, C, H, W] fp32 -> (x0, eps), fp32
+            x_in = x.to(dtype)
+            m = runner(torch.cat([x_in, x_in]) if cfg else x_in, dp.timesteps[k], emb).float()
+            if cfg:
+                m = guide(*m.chunk(2), w, phi)
+            return to_x0_eps(m, x, dp.a[k], dp.s[k], prediction_type)
+
+        return samplers.sample(denoise, x_T, dp, noise, callback)
+
+    def _check_scalars(self, steps, guidance_scale, guidance_rescale, eta, num_images, output_type):
+        check_int("num_inference_steps", steps, 1, self.config.num_train_timesteps)
+        check_real("guidance_scale", guidance_scale, 1.0, math.inf)
+        if math.isinf(guidance_scale):
+            raise InvalidInputError("guidance_scale=inf; expected a finite number >= 1")
+        check_real("guidance_rescale", guidance_rescale, 0.0, 1.0)
+        check_real("eta", eta, 0.0, 1.0)
+        if eta != 0 and self.config.sampler != "ddim":
+            raise InvalidInputError(f"eta={eta} with sampler={self.config.sampler!r}; eta is DDIM's "
+                                    "(expected 0 here); use SamplerConfig.s_churn for EDM samplers")
+        check_int("num_images_per_prompt", num_images, 1)
+        check_choice("output_type", output_type, OUTPUT_TYPES)
+
+    def _latent_shape(self, batch: int, height, width) -> tuple:
+        config, f = self.components.unet.config, self.components.vae_scale_factor
+        sizes = []
+        for name, value in (("height", height), ("width", width)):
+            value = config.sample_size * f if value is None else value
+            check_int(name, value, f)
+            if value % f:
+                raise InvalidInputError(f"{name}={value}; expected a multiple of the VAE factor {f}")
+            sizes.append(value // f)
+        return (batch, config.in_channels, *sizes)
+
+
+def draw_noise(generator, shape: tuple, plan: samplers.Plan, device, latents=None):
+    """(x_T [N, C, h, w], step noise [N, S, C, h, w]) in fp32, drawn sample by sample.
+
+    Sample i's draws come only from its generator (or from its turn in the one generator), so a
+    seed gives the same image whatever the batch size; with one CPU generator and no step noise
+    x_T equals diffusers' `randn_tensor`. Step noise is drawn only when the plan uses it;
+    otherwise it is a zero tensor that takes no memory.
+    """
+    n, S = shape[0], plan.num_steps
+    generators = generator if isinstance(generator, (list, tuple)) else [generator] * n
+    if len(generators) != n:
+        raise InvalidInputError(f"{len(generators)} generators for {n} images; expected one per image")
+    if latents is not None:
+        check_latents(latents, shape)
+    x_T, noise = [], []
+    for i, g in enumerate(generators):
+        if g is not None and not isinstance(g, torch.Generator):
+            raise InvalidTypeError(f"generator of type {type(g).__name__}; expected torch.Generator")
+        device = g.device if g is not None else "cpu"
+        x_T.append(torch.randn(shape[1:], generator=g, device=device) if latents is None else latents[i])
+        if plan.needs_noise:
+            noise.append(torch.randn((S, *shape[1:]), generator=g, device=device))
+    x_T = torch.stack([x.to(device, torch.float32) for x in x_T])
+    if not plan.needs_noise:
+        return x_T, torch.zeros((), device=device).expand(n, S, *shape[1:])
+    return x_T, torch.stack([z.to(device) for z in noise])

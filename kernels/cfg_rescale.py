@@ -1,0 +1,182 @@
+"""Classifier-free guidance with per-sample std rescale (Lin et al. Algorithm 2, SPEC section 6).
+
+Two launches: `_cfg_stats_kernel` reduces each chunk of each sample to (mean, M2) of pos and of
+cfg (M2 = sum of squares about the chunk mean, merged tile by tile with Chan et al.'s update,
+so no E[x^2] - E[x]^2 cancellation in fp32); `_cfg_rescale_kernel` merges a sample's chunks
+into sd_pos/sd_cfg and writes the guided output. guided_step.py fuses the second pass with the
+sampler update. w and phi are read from device memory, never on the host.
+"""
+import torch
+
+from engine.errors import InvalidInputError
+from engine.guidance import guide
+
+from ._common import (BLOCK, MODEL_DTYPES, Walk, check_launchable, check_scalars, check_tensor,
+                      tile_offsets)
+from ._triton import tl, triton
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def load_pair(m_ptr, b, B, j, mask,
+              sm_b, sm_1, sm_2, sm_3,  # m strides in walk order
+              D2, D3, DENSE: tl.constexpr):
+    """(neg, pos) tiles of sample b as fp32; m is [neg (B samples), pos (B samples)]."""
+    off = tile_offsets(b, j, sm_b, sm_1, sm_2, sm_3, D2, D3, DENSE)
+    neg = tl.load(m_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    pos = tl.load(m_ptr + B * sm_b + off, mask=mask, other=0.0).to(tl.float32)
+    return neg, pos
+
+
+@triton.jit
+def merge_moments(n_a, mean_a, m2_a, v, mask, n_b):
+    """Chan et al. parallel update of a running (mean, M2) over n_a values with tile v[mask].
+
+    The tile's own moments use the corrected two-pass formula (Chan, Golub, LeVeque 1983): the
+    fp32 tile mean is off by ~ulp(sum)/n, and sum(d) removes that error from both mean and M2.
+    """
+    n_safe = tl.maximum(n_b, 1.0)
+    mean_b = tl.sum(tl.where(mask, v, 0.0), axis=0) / n_safe
+    d = tl.where(mask, v - mean_b, 0.0)
+    sum_d = tl.sum(d, axis=0)
+    m2_b = tl.sum(d * d, axis=0) - sum_d * sum_d / n_safe
+    mean_b += sum_d / n_safe
+    frac = n_b / tl.maximum(n_a + n_b, 1.0)
+    delta = mean_b - mean_a
+    return mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
+
+
+@triton.jit
+def guided_tile(neg, pos, w, phi, ratio):
+    """engine.guidance.guide on a tile, same operation order (phi = 0 gives cfg bit for bit)."""
+    cfg = neg + w * (pos - neg)
+    return phi * (cfg * ratio) + (1 - phi) * cfg
+
+
+@triton.jit
+def _pooled_std(part_ptr, valid, n_p, N):
+    """Unbiased std of a sample from its chunks' (mean, M2): Chan et al. merge, vectorised."""
+    mean_p = tl.load(part_ptr, mask=valid, other=0.0)
+    m2_p = tl.load(part_ptr + 1, mask=valid, other=0.0)
+    mean = tl.sum(n_p * mean_p, axis=0) / N
+    d = mean_p - mean
+    m2 = tl.sum(m2_p, axis=0) + tl.sum(n_p * d * d, axis=0)
+    return tl.sqrt_rn(m2 / (N - 1))  # N = 1: 0/0 = NaN, which the ratio guard maps to 1
+
+
+@triton.jit
+def rescale_ratio(stats_ptr, b, P, N, CHUNK, P_POW2: tl.constexpr):
+    """sd_pos / sd_cfg of sample b, or 1 where sd_cfg is 0 (or NaN), as engine.guidance.guide."""
+    p = tl.arange(0, P_POW2)
+    valid = p < P
+    n_p = tl.where(valid, tl.minimum(N - p * CHUNK, CHUNK), 0).to(tl.float32)
+    row = stats_ptr + (b * P + p) * 4  # [mean_pos, M2_pos, mean_cfg, M2_cfg] per chunk
+    sd_pos = _pooled_std(row, valid, n_p, N)
+    sd_cfg = _pooled_std(row + 2, valid, n_p, N)
+    nonzero = sd_cfg > 0
+    return tl.where(nonzero, sd_pos / tl.where(nonzero, sd_cfg, 1.0), 1.0)
+
+
+@triton.jit
+def _cfg_stats_kernel(
+    m_ptr,  # [2B, C, H, W] model output [neg, pos], model dtype
+    w_ptr,  # 0-dim fp32 guidance scale
+    stats_ptr,  # [B, P, 4] fp32 out: per chunk mean and M2 of pos, then of cfg
+    B, N, D2, D3,  # batch, elements per sample, walk sizes (see _common)
+    sm_b, sm_1, sm_2, sm_3,  # m strides in walk order
+    P,  # chunks per sample (grid dim 1)
+    ITERS: tl.constexpr,  # tiles per chunk
+    BLOCK: tl.constexpr,  # elements per tile
+    DENSE: tl.constexpr,  # m dense in walk order: offsets need no index arithmetic
+):
+    b = tl.program_id(0)
+    p = tl.program_id(1)
+    w = tl.load(w_ptr)
+    n = 0.0
+    mean_pos, m2_pos, mean_cfg, m2_cfg = 0.0, 0.0, 0.0, 0.0
+    for it in range(ITERS):
+        j = (p * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
+        mask = j < N
+        neg, pos = load_pair(m_ptr, b, B, j, mask, sm_b, sm_1, sm_2, sm_3, D2, D3, DENSE)
+        cfg = neg + w * (pos - neg)
+        n_b = tl.sum(mask.to(tl.float32), axis=0)
+        mean_pos, m2_pos = merge_moments(n, mean_pos, m2_pos, pos, mask, n_b)
+        mean_cfg, m2_cfg = merge_moments(n, mean_cfg, m2_cfg, cfg, mask, n_b)
+        n += n_b
+    row = stats_ptr + (b * P + p) * 4
+    tl.store(row, mean_pos)
+    tl.store(row + 1, m2_pos)
+    tl.store(row + 2, mean_cfg)
+    tl.store(row + 3, m2_cfg)
+
+
+@triton.jit
+def _cfg_rescale_kernel(
+    m_ptr,  # [2B, C, H, W] model output [neg, pos], model dtype
+    out_ptr,  # [B, C, H, W] fp32 out: guided model output
+    stats_ptr,  # [B, P, 4] fp32 from _cfg_stats_kernel
+    w_ptr, phi_ptr,  # 0-dim fp32 guidance scale and rescale
+    B, N, D2, D3,  # batch, elements per sample, walk sizes
+    sm_b, sm_1, sm_2, sm_3,  # m strides in walk order
+    so_b, so_1, so_2, so_3,  # out strides in walk order
+    P,  # chunks per sample (grid dim 1)
+    ITERS: tl.constexpr, BLOCK: tl.constexpr,  # tiles per chunk, elements per tile
+    P_POW2: tl.constexpr,  # P rounded up to a power of two
+    DENSE: tl.constexpr,  # m and out dense in walk order
+):
+    b = tl.program_id(0)
+    p = tl.program_id(1)
+    w, phi = tl.load(w_ptr), tl.load(phi_ptr)
+    ratio = rescale_ratio(stats_ptr, b, P, N, ITERS * BLOCK, P_POW2)
+    for it in range(ITERS):
+        j = (p * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
+        mask = j < N
+        neg, pos = load_pair(m_ptr, b, B, j, mask, sm_b, sm_1, sm_2, sm_3, D2, D3, DENSE)
+        off = tile_offsets(b, j, so_b, so_1, so_2, so_3, D2, D3, DENSE)
+        tl.store(out_ptr + off, guided_tile(neg, pos, w, phi, ratio), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def cfg_stats(m: torch.Tensor, guidance_scale: torch.Tensor, walk: Walk) -> torch.Tensor:
+    """Launch 1 of guidance: [B, P, 4] per-chunk (mean, M2) of pos and cfg. Inputs pre-checked."""
+    stats = torch.empty(walk.batch, walk.chunks, 4, dtype=torch.float32, device=m.device)
+    _cfg_stats_kernel[walk.grid](
+        m, guidance_scale, stats, walk.batch, walk.n, walk.d2, walk.d3, *walk.strides(m),
+        walk.chunks, ITERS=walk.iters, BLOCK=BLOCK, DENSE=walk.dense(m), enable_fp_fusion=False)
+    return stats
+
+
+def cfg_rescale(m: torch.Tensor, guidance_scale: torch.Tensor,
+                guidance_rescale: torch.Tensor) -> torch.Tensor:
+    """Guided model output [B, C, H, W] fp32 from m = [neg, pos] ([2B, C, H, W]); 2 launches."""
+    check_tensor("m", m, MODEL_DTYPES)
+    if m.ndim != 4 or m.shape[0] % 2 or m.numel() == 0:
+        raise InvalidInputError(f"m.shape={tuple(m.shape)}; expected non-empty [2B, C, H, W]")
+    check_launchable(m)
+    check_scalars(m, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+    B = m.shape[0] // 2
+    walk = Walk(m[B:])
+    stats = cfg_stats(m, guidance_scale, walk)
+    out = walk.empty(m[B:])
+    _cfg_rescale_kernel[walk.grid](
+        m, out, stats, guidance_scale, guidance_rescale, B, walk.n, walk.d2, walk.d3,
+        *walk.strides(m), *walk.strides(out), walk.chunks, ITERS=walk.iters, BLOCK=BLOCK,
+        P_POW2=triton.next_power_of_2(walk.chunks), DENSE=walk.dense(m, out),
+        enable_fp_fusion=False)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+
+
+def cfg_rescale_reference(m: torch.Tensor, guidance_scale: torch.Tensor,
+                          guidance_rescale: torch.Tensor) -> torch.Tensor:
+    """engine.guidance.guide on m = [neg, pos], in fp32 whatever m's dtype."""
+    m_neg, m_pos = m.float().chunk(2)
+    return guide(m_neg, m_pos, guidance_scale, guidance_rescale)

@@ -1,0 +1,162 @@
+"""Model output -> (x0, eps) fused with the DDIM update (SPEC sections 3 and 5), one launch.
+
+x_p = c0*x0 + c1*eps + c2*z with (c0, c1, c2) = coef_i = (sqrt(abar_p), sqrt(1 - abar_p -
+sigma^2), sigma) from engine.samplers.plan_ddim. a_t, s_t and coef_i are read from device
+memory inside the kernel, so nothing on the host changes from step to step (graph capture).
+The x0/eps variant feeds the other samplers (Euler, Heun, DPM-Solver++), which combine x0 and
+eps with their own coefficients.
+"""
+import torch
+
+from engine.prediction import to_x0_eps
+
+from ._common import (BLOCK, PREDICTION_CODES, Walk, check_device, check_launchable,
+                      check_model_output, check_prediction_type, check_scalars, check_tensor, tile_offsets)
+from ._triton import tl, triton
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def x0_eps_tile(m, x, a, s, PRED: tl.constexpr):
+    """engine.prediction.to_x0_eps on a tile, same operation order; PRED as PREDICTION_CODES."""
+    if PRED == 0:  # v: never routed through eps, so abar = 0 gives x0 = -v, eps = x exactly
+        x0 = a * x - s * m
+        eps = a * m + s * x
+    elif PRED == 1:  # epsilon
+        x0 = tl.div_rn(x - s * m, a)
+        eps = m
+    else:  # sample
+        x0 = m
+        eps = tl.div_rn(x - a * m, s)
+    return x0, eps
+
+
+@triton.jit
+def write_step(m, x_ptr, z_ptr, out_ptr, eps_ptr, x_off, z_off, out_off, mask, a, s, c0, c1, c2,
+               PRED: tl.constexpr, X0_EPS: tl.constexpr):
+    """Convert the model-output tile m at x_t; store x_p (or x0 and eps when X0_EPS)."""
+    x = tl.load(x_ptr + x_off, mask=mask, other=0.0)
+    x0, eps = x0_eps_tile(m, x, a, s, PRED)
+    if X0_EPS:
+        tl.store(out_ptr + out_off, x0, mask=mask)
+        tl.store(eps_ptr + out_off, eps, mask=mask)
+    else:
+        z = tl.load(z_ptr + z_off, mask=mask, other=0.0)
+        tl.store(out_ptr + out_off, c0 * x0 + c1 * eps + c2 * z, mask=mask)
+
+
+@triton.jit
+def load_coefs(a_ptr, s_ptr, coef_ptr, coef_stride, X0_EPS: tl.constexpr):
+    """a_t, s_t and the DDIM row (c0, c1, c2) from device memory (row unused when X0_EPS)."""
+    a, s = tl.load(a_ptr), tl.load(s_ptr)
+    if X0_EPS:
+        c0, c1, c2 = 0.0, 0.0, 0.0
+    else:
+        c0 = tl.load(coef_ptr)
+        c1 = tl.load(coef_ptr + coef_stride)
+        c2 = tl.load(coef_ptr + 2 * coef_stride)
+    return a, s, c0, c1, c2
+
+
+@triton.jit
+def _sampler_update_kernel(
+    m_ptr,  # [B, C, H, W] model output, model dtype
+    x_ptr,  # [B, C, H, W] fp32 state x_t
+    z_ptr,  # [B, C, H, W] fp32 noise of this step (unused when X0_EPS)
+    out_ptr,  # [B, C, H, W] fp32 out: x_p, or x0 when X0_EPS
+    eps_ptr,  # [B, C, H, W] fp32 out: eps when X0_EPS (same strides as out)
+    a_ptr, s_ptr,  # 0-dim fp32 sqrt(abar_t), sqrt(1 - abar_t)
+    coef_ptr, coef_stride,  # [3] fp32 DDIM row (sqrt(abar_p), c_eps, sigma)
+    N, D2, D3,  # elements per sample, walk sizes (see _common)
+    sm_b, sm_1, sm_2, sm_3,  # m strides in walk order
+    sx_b, sx_1, sx_2, sx_3,  # x strides
+    sz_b, sz_1, sz_2, sz_3,  # z strides
+    so_b, so_1, so_2, so_3,  # out (and eps) strides
+    ITERS: tl.constexpr, BLOCK: tl.constexpr,  # tiles per chunk, elements per tile
+    PRED: tl.constexpr,  # 0 v_prediction, 1 epsilon, 2 sample
+    X0_EPS: tl.constexpr,  # write (x0, eps) instead of x_p
+    DENSE: tl.constexpr,  # every tensor dense in walk order
+):
+    b = tl.program_id(0)
+    p = tl.program_id(1)
+    a, s, c0, c1, c2 = load_coefs(a_ptr, s_ptr, coef_ptr, coef_stride, X0_EPS)
+    for it in range(ITERS):
+        j = (p * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
+        mask = j < N
+        m_off = tile_offsets(b, j, sm_b, sm_1, sm_2, sm_3, D2, D3, DENSE)
+        m = tl.load(m_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+        write_step(m, x_ptr, z_ptr, out_ptr, eps_ptr,
+                   tile_offsets(b, j, sx_b, sx_1, sx_2, sx_3, D2, D3, DENSE),
+                   tile_offsets(b, j, sz_b, sz_1, sz_2, sz_3, D2, D3, DENSE),
+                   tile_offsets(b, j, so_b, so_1, so_2, so_3, D2, D3, DENSE),
+                   mask, a, s, c0, c1, c2, PRED, X0_EPS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def check_step(m, x, noise_i, prediction_type, cfg, **scalars):
+    """Checks shared by every launcher and entry point; raises InvalidInput/InvalidTypeError."""
+    check_model_output(m, x, cfg)
+    if noise_i is not None:
+        check_tensor("noise_i", noise_i, (torch.float32,), x.shape)
+        check_device("noise_i", noise_i, x)
+    check_scalars(x, **scalars)
+    check_prediction_type(prediction_type)
+
+
+def step_outputs(x: torch.Tensor, walk: Walk, x0_eps: bool):
+    """(out, eps): x_p and a placeholder, or x0 and eps; fp32, dense in x's memory order."""
+    out = walk.empty(x)
+    return out, (walk.empty(x) if x0_eps else out)
+
+
+def ddim_update(m, x, noise_i, a_t, s_t, coef_i, prediction_type: str) -> torch.Tensor:
+    """x_p from model output m [B, C, H, W] at x_t; one launch."""
+    check_step(m, x, noise_i, prediction_type, False, a_t=a_t, s_t=s_t, coef_i=coef_i)
+    check_launchable(x)
+    return launch_sampler_update(m, x, noise_i, a_t, s_t, coef_i, prediction_type)[0]
+
+
+def x0_eps(m, x, a_t, s_t, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) from model output m [B, C, H, W] at x_t; one launch."""
+    check_step(m, x, None, prediction_type, False, a_t=a_t, s_t=s_t)
+    check_launchable(x)
+    return launch_sampler_update(m, x, None, a_t, s_t, None, prediction_type)
+
+
+def launch_sampler_update(m, x, noise_i, a_t, s_t, coef_i, prediction_type):
+    """One launch of _sampler_update_kernel: x_p, or (x0, eps) when noise_i is None. Pre-checked."""
+    walk = Walk(x)
+    want_x0_eps = noise_i is None
+    out, eps = step_outputs(x, walk, want_x0_eps)
+    z, coef = (x, a_t) if want_x0_eps else (noise_i, coef_i)  # placeholders the kernel never reads
+    _sampler_update_kernel[walk.grid](
+        m, x, z, out, eps, a_t, s_t, coef, coef.stride(0) if coef.ndim else 0,
+        walk.n, walk.d2, walk.d3, *walk.strides(m), *walk.strides(x), *walk.strides(z),
+        *walk.strides(out), ITERS=walk.iters, BLOCK=BLOCK,
+        PRED=PREDICTION_CODES[prediction_type], X0_EPS=want_x0_eps, DENSE=walk.dense(m, x, z, out),
+        enable_fp_fusion=False)
+    return out, eps
+
+
+# ---------------------------------------------------------------------------------------------
+# References (also the CPU fallback)
+
+
+def ddim_combine(x0, eps, noise_i, coef_i) -> torch.Tensor:
+    """The update line of engine.samplers.sample_ddim: c0*x0 + c1*eps + c2*z."""
+    return coef_i[0] * x0 + coef_i[1] * eps + coef_i[2] * noise_i
+
+
+def x0_eps_reference(m, x, a_t, s_t, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """engine.prediction.to_x0_eps in fp32 whatever m's dtype."""
+    return to_x0_eps(m.float(), x, a_t, s_t, prediction_type)
+
+
+def ddim_update_reference(m, x, noise_i, a_t, s_t, coef_i, prediction_type: str) -> torch.Tensor:
+    """to_x0_eps then the DDIM update, in fp32."""
+    return ddim_combine(*x0_eps_reference(m, x, a_t, s_t, prediction_type), noise_i, coef_i)
