@@ -28,7 +28,9 @@ class Components:
         """Move every module to device/dtype, in place."""
         for module in (self.unet, self.vae, getattr(self.text_encoder, "module", self.text_encoder)):
             if isinstance(module, torch.nn.Module):
-                module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+                module.eval().requires_grad_(False).to(device=device)
+                if next(module.parameters()).dtype != dtype:
+                    module.to(dtype=dtype)
         return self
 
 
@@ -76,13 +78,13 @@ def _from_folder(path: Path) -> Components:
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
     if (path / "model_index.json").is_file():
-        return _from_pipeline(DiffusionPipeline.from_pretrained(path, local_files_only=True))
+        return _from_pipeline(_load(DiffusionPipeline, path))
     if (path / "unet").is_dir():
-        return Components(UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True),
-                          _read_json(path / "scheduler" / "scheduler_config.json"),
+        scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+        return Components(_load(UNet2DConditionModel, path / "unet"), scheduler_config,
                           _folder_text_encoder(path), _folder_vae(path))
     if _read_json(path / "config.json", {}).get("_class_name") == "UNet2DConditionModel":
-        return Components(UNet2DConditionModel.from_pretrained(path, local_files_only=True))
+        return Components(_load(UNet2DConditionModel, path))
     raise InvalidInputError(f"folder {str(path)!r} holds no diffusers model: expected "
                             "model_index.json, a unet/ subfolder, or a UNet config.json")
 
@@ -97,8 +99,7 @@ def _folder_text_encoder(path: Path):
         return load_text_encoder(path)
     from transformers import AutoTokenizer, CLIPTextModel
 
-    return ClipPromptEncoder(AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
-                             CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True))
+    return ClipPromptEncoder(_load(AutoTokenizer, path / "tokenizer"), _load(CLIPTextModel, path / "text_encoder"))
 
 
 def _folder_vae(path: Path):
@@ -106,7 +107,7 @@ def _folder_vae(path: Path):
         return None
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
+    return _load(AutoencoderKL, path / "vae")
 
 
 def _from_pipeline(pipe) -> Components:
@@ -127,6 +128,14 @@ def _checked(components: Components) -> Components:
         raise InvalidInputError(f"UNet addition_embed_type={config.addition_embed_type!r} (SDXL-style "
                                 "added conditioning) is not supported by the runtime yet; expected None")
     return components
+
+
+def _load(cls, path: Path):
+    """cls.from_pretrained(path) offline; a missing or corrupt file becomes an error naming it."""
+    try:
+        return cls.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise InvalidInputError(f"cannot load {cls.__name__} from {str(path)!r}: {err}") from err
 
 
 def _read_json(path: Path, default=None):

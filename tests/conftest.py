@@ -1,9 +1,14 @@
 """Shared fixtures: small models built from configs (random weights, nothing downloaded)."""
+import math
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 
 import engine
-from engine.schedules import timestep_for_sigma
+from engine.models import Components
+from engine.runtime import Engine
 
 TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                  block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -25,32 +30,81 @@ def tiny_unet():
 
 
 class OracleUNet(torch.nn.Module):
-    """Returns the exact v (or eps, or x0) that a perfect model would for a fixed x0*.
+    """A perfect model: returns the exact v (or eps, or x0) for a fixed x0*, whatever x_t is.
 
-    abar at the model's timestep is read from the training schedule, interpolating log(sigma)
-    for the continuous timesteps of the Karras spacing.
+    abar at a timestep is read from the training schedule; a continuous timestep (Karras
+    spacing) interpolates log(sigma) linearly, the inverse of `timestep_for_sigma`.
     """
 
     def __init__(self, x0: torch.Tensor, config: engine.SamplerConfig):
         super().__init__()
         self.x0, self.prediction_type = x0, config.prediction_type
         self.abar_train = config.train_abar()
+        self.config = SimpleNamespace(sample_size=x0.shape[-1], in_channels=x0.shape[1],
+                                      cross_attention_dim=4)
+        self.calls = 0
 
-    def abar_at(self, t: torch.Tensor) -> torch.Tensor:
-        T = len(self.abar_train)
-        grid = torch.logspace(-4, 5, 20001, dtype=torch.float64)  # sigma grid, inverted below
-        t_grid = timestep_for_sigma(grid, self.abar_train)
-        t = float(t)
-        if t >= T - 1:
-            return self.abar_train[-1]
-        if t == int(t):
-            return self.abar_train[int(t)]
-        sigma = float(torch.from_numpy(__import__("numpy").interp(t, t_grid.numpy(), grid.numpy())))
-        return torch.tensor(1 / (1 + sigma**2), dtype=torch.float64)
+    def abar_at(self, t: float) -> float:
+        abar = self.abar_train
+        if t >= len(abar) - 1 and abar[-1] == 0:
+            return 0.0
+        log_sigma = (0.5 * ((1 - abar) / abar).log()).numpy()
+        grid = np.arange(len(abar), dtype=np.float64)
+        sigma = math.exp(np.interp(t, grid[np.isfinite(log_sigma)], log_sigma[np.isfinite(log_sigma)]))
+        return 1 / (1 + sigma**2)
 
     def forward(self, x_t, t, emb=None):
-        abar = self.abar_at(t)
-        a, s = abar.sqrt().float(), (1 - abar).sqrt().float()
-        x0 = self.x0.expand_as(x_t)
+        self.calls += 1
+        abar = self.abar_at(float(t))
+        a, s = math.sqrt(abar), math.sqrt(1 - abar)
+        x0 = self.x0.to(x_t.dtype).expand_as(x_t)
         eps = (x_t - a * x0) / s
         return {"v_prediction": a * eps - s * x0, "epsilon": eps, "sample": x0}[self.prediction_type]
+
+
+def oracle_engine(x0: torch.Tensor, config: engine.SamplerConfig, dtype=torch.float32):
+    """An Engine around OracleUNet (no text encoder, no VAE)."""
+    oracle = OracleUNet(x0, config)
+    return Engine(Components(oracle), config, lambda x, t, emb: oracle(x, t, emb), torch.device("cpu"), dtype)
+
+
+def make_tiny_pipeline(unet):
+    """A StableDiffusionPipeline of tiny random parts: CLIP text encoder, character tokenizer, VAE."""
+    import json
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars + [c + "</w>" for c in chars]:
+        vocab[c] = len(vocab)
+    folder = tempfile.mkdtemp()
+    with open(f"{folder}/vocab.json", "w") as f:
+        json.dump(vocab, f)
+    with open(f"{folder}/merges.txt", "w") as f:
+        f.write("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(f"{folder}/vocab.json", f"{folder}/merges.txt", model_max_length=12)
+    torch.manual_seed(1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
+                                                num_attention_heads=4, num_hidden_layers=2,
+                                                max_position_embeddings=12, bos_token_id=0, eos_token_id=1,
+                                                pad_token_id=1)).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32),
+                        latent_channels=4, norm_num_groups=32, sample_size=16).eval()
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                              timestep_spacing="trailing", clip_sample=False)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """The tiny pipeline saved as a local diffusers folder (model_index.json and subfolders)."""
+    path = tmp_path_factory.mktemp("tiny_sd")
+    make_tiny_pipeline(make_tiny_unet()).save_pretrained(path)
+    return path

@@ -1,0 +1,105 @@
+"""Train SingDiffusion's initial-step x0-predictor for the `flawed` built-in model (SPEC 8).
+
+    python -m engine.builtin.train_initial_step
+
+Input: pure noise x_T and the flawed model's (frozen) text embeddings; target: x0; MSE, 10%
+caption dropout. The MSE optimum is E[x0 | prompt], which the flawed model itself cannot reach
+because it never trained at abar = 0 (Pang et al. 2024).
+"""
+import argparse
+import json
+import pathlib
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from . import WEIGHTS_DIR, model_dir, scenes
+from .models import InitialStepPredictor, initial_step_config
+from .text import load_text_encoder
+from .train import EMA, lr_at
+
+
+@dataclass(frozen=True)
+class InitialStepConfig:
+    """One training run of the x0-predictor; field names match TrainConfig where shared."""
+
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 50
+    seed: int = 0
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.99
+    threads: int = 1
+    tiny: bool = False
+
+
+def initial_step_loss(predictor, encoder, x0: torch.Tensor, captions: list[str],
+                      g: torch.Generator, caption_dropout: float) -> torch.Tensor:
+    """MSE(f(x_T, text), x0) with x_T ~ N(0, I) independent of x0."""
+    drop = torch.rand(len(captions), generator=g) < caption_dropout
+    captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    with torch.no_grad():
+        text = encoder.encode(captions)
+    x_T = torch.randn(x0.shape, generator=g)
+    return torch.nn.functional.mse_loss(predictor(x_T, text), x0)
+
+
+def train(config: InitialStepConfig, encoder, log=print):
+    """Train against a frozen encoder; returns (predictor with EMA weights, stats)."""
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    encoder.eval().requires_grad_(False)
+    predictor = InitialStepPredictor(UNet2DConditionModel(**initial_step_config(encoder.dim, config.tiny)))
+    size = predictor.unet.config.sample_size
+    opt = torch.optim.AdamW(predictor.parameters(), lr=config.lr, weight_decay=0.01)
+    ema = EMA((predictor,), config.ema_decay)
+    data_g = torch.Generator().manual_seed(config.seed)
+    noise_g = torch.Generator().manual_seed(config.seed + 1)
+    losses, start = [], time.perf_counter()
+    for step in range(config.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, config)
+        x0, captions = scenes.sample_batch(config.batch_size, data_g, size)
+        loss = initial_step_loss(predictor, encoder, x0, captions, noise_g, config.caption_dropout)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(predictor.parameters(), 1.0)
+        opt.step()
+        ema.update()
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0 or step + 1 == config.steps:
+            log(f"step {step + 1}/{config.steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
+                f"{time.perf_counter() - start:.0f}s")
+    ema.copy_to((predictor,))
+    tail = losses[-max(len(losses) // 10, 1):]
+    stats = {"wall_time_s": round(time.perf_counter() - start, 1), "final_loss": losses[-1],
+             "avg_loss_last_10pct": sum(tail) / len(tail), "avg_loss": sum(losses) / len(losses)}
+    return predictor.eval(), stats
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=InitialStepConfig.steps)
+    p.add_argument("--batch-size", type=int, default=InitialStepConfig.batch_size)
+    p.add_argument("--seed", type=int, default=InitialStepConfig.seed)
+    p.add_argument("--threads", type=int, default=InitialStepConfig.threads)
+    p.add_argument("--out", type=pathlib.Path, default=WEIGHTS_DIR / "initial_step")
+    args = p.parse_args(argv)
+    config = InitialStepConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                               threads=args.threads)
+    predictor, stats = train(config, load_text_encoder(model_dir("flawed")),
+                             log=lambda m: print(m, flush=True))
+    predictor.save_pretrained(args.out, text_encoder_of="flawed")
+    record = {"command": "python -m engine.builtin.train_initial_step " + " ".join(sys.argv[1:]),
+              "config": asdict(config), "data_seed": config.seed, "noise_seed": config.seed + 1,
+              "init_seed": config.seed, "torch": torch.__version__, **stats}
+    (args.out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"saved {args.out}: {json.dumps(stats)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
