@@ -16,6 +16,7 @@ class Components:
     scheduler_config: dict | None = None  # the model's own, as saved by diffusers
     text_encoder: object = None  # has encode(list[str]) -> [B, L, D]
     vae: torch.nn.Module | None = None
+    initial_step: torch.nn.Module | None = None  # SingDiffusion x0-predictor(x_T, embeddings)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -26,7 +27,8 @@ class Components:
 
     def to(self, device, dtype):
         """Move every module to device/dtype, in place."""
-        for module in (self.unet, self.vae, getattr(self.text_encoder, "module", self.text_encoder)):
+        text_module = getattr(self.text_encoder, "module", self.text_encoder)
+        for module in (self.unet, self.vae, text_module, self.initial_step):
             if isinstance(module, torch.nn.Module):
                 module.eval().requires_grad_(False).to(device=device)
                 if next(module.parameters()).dtype != dtype:
@@ -47,18 +49,32 @@ class ClipPromptEncoder:
         return self.module(ids.to(self.module.device))[0]
 
 
-def load_components(model) -> Components:
+def load_components(model, initial_step=None) -> Components:
     """Components from a UNet2DConditionModel, a DiffusionPipeline, a folder, or a built-in name."""
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
     if isinstance(model, UNet2DConditionModel):
-        return _checked(Components(model))
-    if isinstance(model, DiffusionPipeline):
-        return _from_pipeline(model)
-    if isinstance(model, (str, Path)):
-        return _checked(_from_folder(_resolve(model)))
-    raise InvalidTypeError(f"model of type {type(model).__name__}; expected a UNet2DConditionModel, "
-                           "a DiffusionPipeline, a local folder path, or a built-in model name")
+        components = Components(model)
+    elif isinstance(model, DiffusionPipeline):
+        components = _from_pipeline(model)
+    elif isinstance(model, (str, Path)):
+        components = _from_folder(_resolve(model))
+    else:
+        raise InvalidTypeError(f"model of type {type(model).__name__}; expected a UNet2DConditionModel, "
+                               "a DiffusionPipeline, a local folder path, or a built-in model name")
+    components.initial_step = _initial_step(initial_step)
+    return _checked(components)
+
+
+def _initial_step(predictor):
+    if predictor is None or isinstance(predictor, torch.nn.Module):
+        return predictor
+    if isinstance(predictor, (str, Path)) and Path(predictor).is_dir():
+        from .builtin.models import load_initial_step
+
+        return load_initial_step(predictor)
+    raise InvalidTypeError(f"initial_step={predictor!r}; expected an nn.Module(x_T, embeddings) -> x0 "
+                           "or the folder of a saved initial-step predictor")
 
 
 def _resolve(model) -> Path:
@@ -119,7 +135,7 @@ def _from_pipeline(pipe) -> Components:
         text_encoder = ClipPromptEncoder(pipe.tokenizer, pipe.text_encoder)
     scheduler = getattr(pipe, "scheduler", None)
     config = dict(scheduler.config, _class_name=type(scheduler).__name__) if scheduler else None
-    return _checked(Components(pipe.unet, config, text_encoder, getattr(pipe, "vae", None)))
+    return Components(pipe.unet, config, text_encoder, getattr(pipe, "vae", None))
 
 
 def _checked(components: Components) -> Components:

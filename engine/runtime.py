@@ -17,12 +17,15 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None) -> "Engine":
+def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None,
+          initial_step=None) -> "Engine":
     """An Engine for `model` (UNet, pipeline, local folder or built-in name), ready to run.
 
     scheduler=None reads how the model was trained (betas, T, prediction type, zero terminal
     SNR) from its own scheduler config and samples with Lumen's defaults (trailing DDIM); a
     diffusers scheduler, its config dict or a SamplerConfig is taken as given.
+    initial_step: a SingDiffusion x0-predictor (module(x_T, embeddings) -> x0, or its folder)
+    that replaces the model at the pure-noise end (SPEC section 8).
     """
     check_choice("backend", backend, BACKENDS)
     device = torch.device(device if device is not None else
@@ -31,7 +34,7 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise InvalidTypeError(f"dtype={dtype}; expected one of {', '.join(map(str, DTYPES))}")
-    components = load_components(model).to(device, dtype)
+    components = load_components(model, initial_step).to(device, dtype)
     config = sampler_config(scheduler, components.scheduler_config)
     return Engine(components, config, unet_runner(components.unet, backend, device, dtype), device, dtype)
 
@@ -105,7 +108,21 @@ class Engine:
                 m = guide(*m.chunk(2), w, phi)
             return to_x0_eps(m, x, dp.a[k], dp.s[k], prediction_type)
 
+        if self.components.initial_step is not None:
+            x_T = self.hand_over(x_T, emb, w, cfg, dp)
         return samplers.sample(denoise, x_T, dp, noise, callback)
+
+    def hand_over(self, x_T, emb, w, cfg: bool, dp: samplers.DevicePlan) -> torch.Tensor:
+        """SingDiffusion: x at the first listed timestep = a*x0_hat + s*x_T (SPEC section 8).
+
+        x0_hat comes from the initial-step predictor, guided as (u + w*(c - u)) / w.
+        """
+        x_in = x_T.to(self.dtype)
+        x0 = self.components.initial_step(torch.cat([x_in, x_in]) if cfg else x_in, emb).float()
+        if cfg:
+            u, c = x0.chunk(2)
+            x0 = (u + w * (c - u)) / w
+        return dp.a[0] * x0 + dp.s[0] * x_T
 
     def _check_scalars(self, steps, guidance_scale, guidance_rescale, eta, num_images, output_type):
         check_int("num_inference_steps", steps, 1, self.config.num_train_timesteps)

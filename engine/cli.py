@@ -1,0 +1,86 @@
+"""The `lumen` command: generate images, build backend artifacts, run benchmarks."""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import SAMPLERS
+from .errors import LumenError
+from .schedules import SPACINGS
+
+
+def add_generate_parser(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate images from a prompt")
+    p.add_argument("prompt", help="text prompt (the built-in models know a small vocabulary)")
+    p.add_argument("-o", "--output", default="out.png", help="PNG path; several images get -0, -1, ...")
+    p.add_argument("--model", default="default",
+                   help="built-in name (default, flawed) or a local diffusers folder")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=25, help="num_inference_steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance_scale (1 disables CFG)")
+    p.add_argument("--rescale", type=float, default=0.7, help="guidance_rescale phi in [0, 1]")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: ddim")
+    p.add_argument("--spacing", choices=SPACINGS, default=None, help="default: trailing")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour factor for viewing small images")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    import engine
+
+    start = time.perf_counter()
+    eng = engine.build(args.model, device=args.device)
+    changes = {k: v for k, v in (("sampler", args.sampler), ("timestep_spacing", args.spacing)) if v}
+    if changes:
+        eng.config = eng.config.replace(**changes)
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
+    with tqdm(total=args.steps, desc="sampling", unit="step") as bar:
+        images = eng.run(prompt=args.prompt, negative_prompt=args.negative_prompt,
+                         num_inference_steps=args.steps, guidance_scale=args.guidance,
+                         guidance_rescale=args.rescale, eta=args.eta, generator=generators,
+                         height=args.height, width=args.width, num_images_per_prompt=args.num_images,
+                         callback=lambda i: bar.update(1)).images
+    for path, image in zip(_output_paths(Path(args.output), len(images)), images):
+        if args.upscale > 1:
+            image = image.resize((image.width * args.upscale, image.height * args.upscale), 0)
+        image.save(path)
+        print(f"wrote {path} ({image.width}x{image.height})")
+    print(f"{len(images)} image(s) in {time.perf_counter() - start:.1f} s with {eng.config.sampler}, "
+          f"{eng.config.timestep_spacing} spacing, {args.steps} steps")
+    return 0
+
+
+def _output_paths(path: Path, n: int) -> list[Path]:
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="lumen", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(subparsers)
+    for module in ("export.cli", "benchmarks.cli"):
+        try:
+            __import__(module, fromlist=["add_parsers"]).add_parsers(subparsers)
+        except (ImportError, AttributeError):
+            pass  # optional parts of the install
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LumenError as err:
+        print(f"lumen: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
