@@ -69,11 +69,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lumen", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(subparsers)
-    for module in ("export.cli", "benchmarks.cli"):
-        try:
-            __import__(module, fromlist=["add_parsers"]).add_parsers(subparsers)
-        except (ImportError, AttributeError):
-            pass  # optional parts of the install
+    from benchmarks.cli import add_parsers
+
+    add_parsers(subparsers)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -86,22 +86,25 @@ class Engine:
         plan = samplers.make_plan(self.config, num_inference_steps, eta)
         x_T, noise = draw_noise(generator, shape, plan, self.device, latents)
         emb = torch.cat([neg, pos]) if cfg else pos  # [negative, positive], as diffusers
-        x0 = self.sample(emb.to(self.device, self.dtype), x_T, noise, plan, guidance_scale,
-                         guidance_rescale, cfg, callback)
+        scalars = torch.tensor([guidance_scale, guidance_rescale], dtype=torch.float32).to(self.device)
+        x0 = self.sample(emb.to(self.device, self.dtype), x_T, noise, plan.to(self.device),
+                         scalars[0], scalars[1], cfg, callback)
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
         return ImagePipelineOutput(images=decode(x0, self.components, output_type))
 
     @torch.inference_mode()
-    def sample(self, emb, x_T, noise, plan: samplers.Plan, guidance_scale: float,
-               guidance_rescale: float, cfg: bool, callback=None) -> torch.Tensor:
-        """The sampling loop from x_T (fp32) to x0 (fp32); no host sync inside."""
-        dp = plan.to(self.device)
-        w = torch.tensor(guidance_scale, dtype=torch.float32, device=self.device)
-        phi = torch.tensor(guidance_rescale, dtype=torch.float32, device=self.device)
+    def sample(self, emb, x_T, noise, dp: samplers.DevicePlan, w: torch.Tensor, phi: torch.Tensor,
+               cfg: bool, callback=None) -> torch.Tensor:
+        """The sampling loop from x_T to x0 (fp32); every input is already on the device.
+
+        emb: [2N or N, L, D] ([negative, positive] when cfg); x_T: [N, C, h, w];
+        noise: [N, S, C, h, w]; w, phi: 0-dim fp32. No host sync and no host-to-device copy
+        happen inside, so a CUDA graph can capture the call whole.
+        """
         prediction_type, runner, dtype = self.config.prediction_type, self.runner, self.dtype
 
-        def denoise(x, k):  # x: [B, C, H, W] fp32 -> (x0, eps), fp32
+        def denoise(x, k):  # x: [N, C, h, w] fp32 -> (x0, eps), fp32
             x_in = x.to(dtype)
             m = runner(torch.cat([x_in, x_in]) if cfg else x_in, dp.timesteps[k], emb).float()
             if cfg:

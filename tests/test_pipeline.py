@@ -111,8 +111,9 @@ def test_sampling_loop_has_no_host_sync(eng, sampler):
     emb = torch.randn(2, 12, 32)
     x_T = torch.randn(1, 4, 8, 8)
     noise = torch.randn(1, 4, 4, 8, 8)
+    dp, w, phi = plan.to("cpu"), torch.tensor(7.5), torch.tensor(0.7)
     with NoHostSync():
-        out = eng.sample(emb, x_T, noise, plan, 7.5, 0.7, cfg=True)
+        out = eng.sample(emb, x_T, noise, dp, w, phi, cfg=True)
     assert out.shape == x_T.shape and bool(torch.isfinite(out).all())
 
 

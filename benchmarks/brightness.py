@@ -1,0 +1,156 @@
+"""Brightness study: a flawed schedule draws medium brightness, zero terminal SNR the true range.
+
+Reproduces the claim of Lin et al. (arXiv:2305.08891, Fig. 1-3) on the built-in models: for each
+prompt, N seeds per setup, it measures per-image mean brightness and reports the fraction of
+images in dark / medium / bright bins beside the training data's, plus SingDiffusion's
+"average gray" for the extreme prompts. Writes brightness.md, brightness.json, brightness.png.
+
+    python -m benchmarks.brightness --n 64 --out benchmarks/results
+"""
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import engine
+from engine.builtin import WEIGHTS_DIR
+from engine.builtin.scenes import caption_brightness
+
+PROMPTS = {
+    "unspecific": "a red circle",
+    "dark": "a blue square on a dark background",
+    "bright": "a blue square on a bright background",
+    "solid black": "solid black background",
+    "solid white": "solid white background",
+}
+EXTREME = ("solid black", "solid white")
+BINS = (1 / 3, 2 / 3)  # dark < 1/3 <= medium <= 2/3 < bright
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One row of the study: a built-in model, how it is sampled, and its guidance."""
+
+    name: str
+    model: str
+    scheduler: engine.SamplerConfig | None
+    guidance_rescale: float
+    initial_step: bool = False
+
+
+SETUPS = (
+    Setup("flawed, leading DDIM", "flawed", engine.PRESETS["sd"], 0.0),
+    Setup("flawed + initial-step predictor", "flawed", engine.PRESETS["sd"], 0.0, initial_step=True),
+    Setup("default, trailing DDIM", "default", None, 0.0),
+    Setup("default, trailing DDIM, rescale 0.7", "default", None, 0.7),
+)
+
+
+def generate_brightness(setup: Setup, prompt: str, n: int, steps: int, guidance: float) -> torch.Tensor:
+    """Per-image mean brightness [n] in [0, 1] of n seeds (image i uses seed i)."""
+    initial = WEIGHTS_DIR / "initial_step" if setup.initial_step else None
+    eng = engine.build(setup.model, scheduler=setup.scheduler, initial_step=initial, device="cpu")
+    images = eng.run(prompt=prompt, num_images_per_prompt=n, num_inference_steps=steps,
+                     guidance_scale=guidance, guidance_rescale=setup.guidance_rescale,
+                     generator=[torch.Generator().manual_seed(i) for i in range(n)], output_type="pt").images
+    return images.mean(dim=(1, 2, 3))
+
+
+def bin_fractions(values: torch.Tensor) -> dict:
+    """Fractions of images in the dark, medium and bright bins."""
+    dark = float((values < BINS[0]).float().mean())
+    bright = float((values > BINS[1]).float().mean())
+    return {"dark": dark, "medium": 1 - dark - bright, "bright": bright}
+
+
+def run_study(n: int, steps: int, guidance: float) -> dict:
+    """{prompt group: {row name: {"values": [...], bins..., "mean": ...}}}."""
+    results = {}
+    for group, prompt in PROMPTS.items():
+        rows = {"training data": caption_brightness(prompt, n=max(n, 1000))}
+        for setup in SETUPS:
+            rows[setup.name] = generate_brightness(setup, prompt, n, steps, guidance)
+        results[group] = {name: {"values": v.tolist(), "mean": float(v.mean()), **bin_fractions(v)}
+                          for name, v in rows.items()}
+    return results
+
+
+def markdown(results: dict, n: int, steps: int, guidance: float) -> str:
+    rows = list(next(iter(results.values())))
+    lines = [f"Fractions of images per brightness bin (dark < 1/3 <= medium <= 2/3 < bright), "
+             f"{n} seeds per cell, {steps} steps, guidance {guidance}; training data: 1000 draws.", "",
+             "| prompt | setup | dark | medium | bright | mean |", "|---|---|---|---|---|---|"]
+    for group, by_row in results.items():
+        for name in rows:
+            r = by_row[name]
+            lines.append(f"| {PROMPTS[group]} | {name} | {r['dark']:.2f} | {r['medium']:.2f} | "
+                         f"{r['bright']:.2f} | {r['mean']:.3f} |")
+    lines += ["", "SingDiffusion's average gray (mean grey level) for the extreme prompts:", "",
+              "| setup | " + " | ".join(PROMPTS[g] for g in EXTREME) + " |", "|---|---|---|"]
+    for name in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{results[g][name]['mean']:.3f}" for g in EXTREME) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(results: dict, path: Path) -> None:
+    """Brightness histograms per prompt and setup, plus logSNR and sqrt(abar) of both schedules."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 4, figsize=(18, 8))
+    for ax, (group, by_row) in zip(axes.flat, results.items()):
+        for name, r in by_row.items():
+            ax.hist(r["values"], bins=20, range=(0, 1), histtype="step", density=True, label=name,
+                    linewidth=2.5 if name == "training data" else 1.5)
+        ax.set_title(f'"{PROMPTS[group]}"', fontsize=9)
+        ax.set_xlabel("mean brightness")
+    axes.flat[0].legend(fontsize=7)
+    t = torch.arange(1000)
+    for config, label in ((engine.PRESETS["sd"], "scaled_linear (flawed)"),
+                          (engine.PRESETS["zero_snr"], "zero terminal SNR (default)")):
+        abar = config.train_abar()
+        axes.flat[5].plot(t, (abar / (1 - abar)).log(), label=label)
+        axes.flat[6].plot(t, abar.sqrt(), label=label)
+    axes.flat[5].set_title("logSNR(t)"), axes.flat[6].set_title("sqrt(abar_t)")
+    axes.flat[5].legend(fontsize=7), axes.flat[6].legend(fontsize=7)
+    axes.flat[7].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--n", type=int, default=64, help="seeds per prompt and setup")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--out", default="benchmarks/results", help="folder for .md, .json, .png")
+
+
+def run(args) -> int:
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    results = run_study(args.n, args.steps, args.guidance)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(results, args.n, args.steps, args.guidance)
+    (out / "brightness.md").write_text(table)
+    (out / "brightness.json").write_text(json.dumps(
+        {"n": args.n, "steps": args.steps, "guidance": args.guidance, "bins": BINS, "results": results}))
+    figure(results, out / "brightness.png")
+    print(table)
+    print(f"wrote {out}/brightness.md, .json, .png in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
