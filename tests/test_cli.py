@@ -1,0 +1,36 @@
+"""The `lumen` command line."""
+import PIL.Image
+import pytest
+
+from benchmarks.brightness import bin_fractions
+from engine.cli import main
+
+
+def test_generate_from_a_local_folder_writes_numbered_pngs(tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    code = main(["generate", "a cat", "--model", str(tiny_pipeline_dir), "-o", str(out), "--steps", "2",
+                 "--num-images", "2", "--upscale", "2", "--sampler", "dpmpp_2m"])
+    assert code == 0
+    for i in range(2):
+        with PIL.Image.open(tmp_path / f"cat-{i}.png") as image:
+            assert image.size == (32, 32)  # 16x16 upscaled twice
+    assert "dpmpp_2m, trailing spacing, 2 steps" in capsys.readouterr().out
+
+
+def test_generate_reports_bad_input_as_an_error_line(tiny_pipeline_dir, tmp_path, capsys):
+    code = main(["generate", "a cat", "--model", str(tiny_pipeline_dir), "-o", str(tmp_path / "x.png"),
+                 "--steps", "0"])
+    assert code == 2
+    assert "num_inference_steps=0" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_missing_model_folder(tmp_path, capsys):
+    assert main(["generate", "a cat", "--model", str(tmp_path / "nope")]) == 2
+    assert "never downloads" in capsys.readouterr().err
+
+
+def test_brightness_bins_split_at_thirds():
+    import torch
+
+    fractions = bin_fractions(torch.tensor([0.0, 0.2, 0.5, 0.5, 0.9, 1.0, 0.34, 0.66]))
+    assert fractions == pytest.approx({"dark": 0.25, "medium": 0.5, "bright": 0.25})
