@@ -3,13 +3,13 @@ import math
 
 import torch
 
+import kernels
+
 from . import samplers
 from .config import SamplerConfig
 from .errors import BackendUnavailableError, InvalidInputError, InvalidTypeError
-from .guidance import guide
 from .models import Components, load_components
 from .output import OUTPUT_TYPES, decode
-from .prediction import to_x0_eps
 from .prompts import embed_prompts
 from .validation import check_choice, check_int, check_latents, check_real
 
@@ -104,16 +104,21 @@ class Engine:
         """
         prediction_type, runner, dtype = self.config.prediction_type, self.runner, self.dtype
 
-        def denoise(x, k):  # x: [N, C, h, w] fp32 -> (x0, eps), fp32
+        def model_output(x, k):  # x: [N, C, h, w] fp32 -> m: [2N or N, C, h, w], model dtype
             x_in = x.to(dtype)
-            m = runner(torch.cat([x_in, x_in]) if cfg else x_in, dp.timesteps[k], emb).float()
-            if cfg:
-                m = guide(*m.chunk(2), w, phi)
-            return to_x0_eps(m, x, dp.a[k], dp.s[k], prediction_type)
+            return runner(torch.cat([x_in, x_in]) if cfg else x_in, dp.timesteps[k], emb)
+
+        def denoise(x, k):  # -> (x0, eps) fp32: CFG + rescale + conversion, fused on CUDA
+            return kernels.guided_x0_eps(model_output(x, k), x, dp.a[k], dp.s[k], w, phi,
+                                         prediction_type, cfg)
+
+        def ddim_step(x, i, z):  # -> x_p fp32: the whole step between two UNet calls, fused
+            return kernels.guided_step(model_output(x, i), x, z, dp.a[i], dp.s[i], dp.coef[i], w, phi,
+                                       prediction_type, cfg)
 
         if self.components.initial_step is not None:
             x_T = self.hand_over(x_T, emb, w, cfg, dp)
-        return samplers.sample(denoise, x_T, dp, noise, callback)
+        return samplers.sample(denoise, x_T, dp, noise, callback, ddim_step)
 
     def hand_over(self, x_T, emb, w, cfg: bool, dp: samplers.DevicePlan) -> torch.Tensor:
         """SingDiffusion: x at the first listed timestep = a*x0_hat + s*x_T (SPEC section 8).

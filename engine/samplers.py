@@ -82,13 +82,22 @@ def plan_ddim(t: torch.Tensor, abar: torch.Tensor, eta: float) -> Plan:
     return Plan("ddim", t, abar_t, torch.stack([abar_p.sqrt(), c_eps, sigma], dim=1))
 
 
+def ddim_update(x0: torch.Tensor, eps: torch.Tensor, z: torch.Tensor, coef_i: torch.Tensor) -> torch.Tensor:
+    """x_p = sqrt(abar_p)*x0 + sqrt(1 - abar_p - sigma^2)*eps + sigma*z, coef_i a plan_ddim row."""
+    return coef_i[0] * x0 + coef_i[1] * eps + coef_i[2] * z
+
+
 def sample_ddim(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor,
-                callback=None) -> torch.Tensor:
-    """DDIM: x_p = sqrt(abar_p)*x0 + sqrt(1 - abar_p - sigma^2)*eps + sigma*z. noise: [B, S, ...]."""
-    c = plan.coef
+                callback=None, step=None) -> torch.Tensor:
+    """DDIM (Song et al. eq. 12) in x0 form; noise: [B, S, ...].
+
+    step(x, i, z) -> x_p, when given, does denoise and update in one call (kernels.guided_step).
+    """
     for i in range(plan.plan.num_steps):
-        x0, eps = denoise(x, i)
-        x = c[i, 0] * x0 + c[i, 1] * eps + c[i, 2] * noise[:, i]
+        if step is not None:
+            x = step(x, i, noise[:, i])
+        else:
+            x = ddim_update(*denoise(x, i), noise[:, i], plan.coef[i])
         _notify(callback, i)
     return x
 
@@ -189,13 +198,17 @@ def make_plan(config: SamplerConfig, num_steps: int, eta: float = 0.0) -> Plan:
     return plan_edm(t, abar, config, config.train_abar(), second_order=config.sampler == "heun")
 
 
-SAMPLE_FNS = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m, "euler": sample_edm,
-              "heun": sample_edm}
+SAMPLE_FNS = {"dpmpp_2m": sample_dpmpp_2m, "euler": sample_edm, "heun": sample_edm}
 
 
 def sample(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor,
-           callback=None) -> torch.Tensor:
-    """Run the plan's sampler from x (x_T) to the clean sample; callback(i) after each step."""
+           callback=None, ddim_step=None) -> torch.Tensor:
+    """Run the plan's sampler from x (x_T) to the clean sample; callback(i) after each step.
+
+    ddim_step(x, i, z) -> x_p is DDIM's fused denoise + update; other samplers ignore it.
+    """
+    if plan.plan.sampler == "ddim":
+        return sample_ddim(denoise, x, plan, noise, callback, ddim_step)
     return SAMPLE_FNS[plan.plan.sampler](denoise, x, plan, noise, callback)
 
 

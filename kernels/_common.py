@@ -22,15 +22,16 @@ KERNEL_MODES = ("auto", "reference", "triton")
 
 
 def kernel_mode() -> str:
-    """LUMEN_KERNELS: auto (Triton on CUDA), reference (always torch), triton (also CPU, interpreted)."""
+    """LUMEN_KERNELS: auto (Triton on CUDA), reference, triton (also CPU: interpreter)."""
     mode = os.environ.get("LUMEN_KERNELS", "auto")
     if mode not in KERNEL_MODES:
-        raise InvalidInputError(f"LUMEN_KERNELS={mode!r}; expected one of {', '.join(KERNEL_MODES)}")
+        raise InvalidInputError(f"LUMEN_KERNELS={mode!r}; expected one of "
+                                f"{', '.join(KERNEL_MODES)}")
     return mode
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """The one dispatch predicate: run the Triton kernels on t's device, else the torch reference."""
+    """The one dispatch predicate: Triton kernels for t's device, else the torch reference."""
     mode = kernel_mode()
     if mode == "reference" or not HAVE_TRITON:
         return False
@@ -109,6 +110,7 @@ class Walk:
         self.iters = triton.next_power_of_2(triton.cdiv(tiles, MAX_CHUNKS)) if HAVE_TRITON else 1
         self.chunk = BLOCK * self.iters
         self.chunks = triton.cdiv(self.n, self.chunk)
+        self.chunks_pow2 = max(16, triton.next_power_of_2(self.chunks)) if HAVE_TRITON else 16
 
     @property
     def grid(self):
@@ -142,3 +144,14 @@ def tile_offsets(b, j, stride_b, stride_1, stride_2, stride_3, D2, D3, DENSE: tl
         i12 = j // D3
         off = (i12 // D2) * stride_1 + (i12 % D2) * stride_2 + i3 * stride_3
     return b * stride_b + off
+
+
+@triton.jit
+def tile_sum(x):
+    """tl.sum(x, axis=0), spelled as tl.sum is (a reduce with triton's own _sum_combine).
+
+    tl.sum is itself @jit-decorated when triton is imported, so if triton was imported before
+    TRITON_INTERPRET=1 was set (diffusers imports it), calling it from an interpreted kernel
+    fails; tl.reduce is patched by the interpreter, which maps _sum_combine to numpy's sum.
+    """
+    return tl.reduce(x, 0, tl.standard._sum_combine)

@@ -1,10 +1,12 @@
 """Classifier-free guidance with per-sample std rescale (Lin et al. Algorithm 2, SPEC section 6).
 
 Two launches: `_cfg_stats_kernel` reduces each chunk of each sample to (mean, M2) of pos and of
-cfg (M2 = sum of squares about the chunk mean, merged tile by tile with Chan et al.'s update,
-so no E[x^2] - E[x]^2 cancellation in fp32); `_cfg_rescale_kernel` merges a sample's chunks
-into sd_pos/sd_cfg and writes the guided output. guided_step.py fuses the second pass with the
-sampler update. w and phi are read from device memory, never on the host.
+cfg; `_cfg_rescale_kernel` merges a sample's chunks into sd_pos/sd_cfg and writes the guided
+output (guided_step.py fuses this second pass with the sampler update). No E[x^2] - E[x]^2 in
+fp32: values are shifted by the sample's first element, each tile's M2 is taken about the tile
+mean (corrected two-pass), and tiles and chunks merge with Chan et al.'s update; the test
+test_rescale_std_survives_a_large_mean pins this. w and phi are read from device memory, never
+on the host.
 """
 import torch
 
@@ -12,7 +14,7 @@ from engine.errors import InvalidInputError
 from engine.guidance import guide
 
 from ._common import (BLOCK, MODEL_DTYPES, Walk, check_launchable, check_scalars, check_tensor,
-                      tile_offsets)
+                      tile_offsets, tile_sum)
 from ._triton import tl, triton
 
 # ---------------------------------------------------------------------------------------------
@@ -38,10 +40,10 @@ def merge_moments(n_a, mean_a, m2_a, v, mask, n_b):
     fp32 tile mean is off by ~ulp(sum)/n, and sum(d) removes that error from both mean and M2.
     """
     n_safe = tl.maximum(n_b, 1.0)
-    mean_b = tl.sum(tl.where(mask, v, 0.0), axis=0) / n_safe
+    mean_b = tile_sum(tl.where(mask, v, 0.0)) / n_safe
     d = tl.where(mask, v - mean_b, 0.0)
-    sum_d = tl.sum(d, axis=0)
-    m2_b = tl.sum(d * d, axis=0) - sum_d * sum_d / n_safe
+    sum_d = tile_sum(d)
+    m2_b = tl.maximum(tile_sum(d * d) - sum_d * sum_d / n_safe, 0.0)  # >= 0 exactly
     mean_b += sum_d / n_safe
     frac = n_b / tl.maximum(n_a + n_b, 1.0)
     delta = mean_b - mean_a
@@ -60,9 +62,10 @@ def _pooled_std(part_ptr, valid, n_p, N):
     """Unbiased std of a sample from its chunks' (mean, M2): Chan et al. merge, vectorised."""
     mean_p = tl.load(part_ptr, mask=valid, other=0.0)
     m2_p = tl.load(part_ptr + 1, mask=valid, other=0.0)
-    mean = tl.sum(n_p * mean_p, axis=0) / N
+    mean = tile_sum(n_p * mean_p) / N
     d = mean_p - mean
-    m2 = tl.sum(m2_p, axis=0) + tl.sum(n_p * d * d, axis=0)
+    sum_d = tile_sum(n_p * d)  # corrects the fp32 rounding of mean, as in merge_moments
+    m2 = tl.maximum(tile_sum(m2_p) + tile_sum(n_p * d * d) - sum_d * sum_d / N, 0.0)
     return tl.sqrt_rn(m2 / (N - 1))  # N = 1: 0/0 = NaN, which the ratio guard maps to 1
 
 
@@ -76,14 +79,14 @@ def rescale_ratio(stats_ptr, b, P, N, CHUNK, P_POW2: tl.constexpr):
     sd_pos = _pooled_std(row, valid, n_p, N)
     sd_cfg = _pooled_std(row + 2, valid, n_p, N)
     nonzero = sd_cfg > 0
-    return tl.where(nonzero, sd_pos / tl.where(nonzero, sd_cfg, 1.0), 1.0)
+    return tl.where(nonzero, tl.div_rn(sd_pos, tl.where(nonzero, sd_cfg, 1.0)), 1.0)
 
 
 @triton.jit
 def _cfg_stats_kernel(
     m_ptr,  # [2B, C, H, W] model output [neg, pos], model dtype
     w_ptr,  # 0-dim fp32 guidance scale
-    stats_ptr,  # [B, P, 4] fp32 out: per chunk mean and M2 of pos, then of cfg
+    stats_ptr,  # [B, P, 4] fp32 out: per chunk shifted mean and M2 of pos, then of cfg
     B, N, D2, D3,  # batch, elements per sample, walk sizes (see _common)
     sm_b, sm_1, sm_2, sm_3,  # m strides in walk order
     P,  # chunks per sample (grid dim 1)
@@ -94,6 +97,11 @@ def _cfg_stats_kernel(
     b = tl.program_id(0)
     p = tl.program_id(1)
     w = tl.load(w_ptr)
+    # Moments of (v - v[first element of the sample]): a shift every chunk of the sample shares,
+    # so chunk means are small and exact enough in fp32 even when |mean| >> std.
+    neg0 = tl.load(m_ptr + b * sm_b).to(tl.float32)
+    pos0 = tl.load(m_ptr + (B + b) * sm_b).to(tl.float32)
+    cfg0 = neg0 + w * (pos0 - neg0)
     n = 0.0
     mean_pos, m2_pos, mean_cfg, m2_cfg = 0.0, 0.0, 0.0, 0.0
     for it in range(ITERS):
@@ -101,9 +109,9 @@ def _cfg_stats_kernel(
         mask = j < N
         neg, pos = load_pair(m_ptr, b, B, j, mask, sm_b, sm_1, sm_2, sm_3, D2, D3, DENSE)
         cfg = neg + w * (pos - neg)
-        n_b = tl.sum(mask.to(tl.float32), axis=0)
-        mean_pos, m2_pos = merge_moments(n, mean_pos, m2_pos, pos, mask, n_b)
-        mean_cfg, m2_cfg = merge_moments(n, mean_cfg, m2_cfg, cfg, mask, n_b)
+        n_b = tl.minimum(tl.maximum(N - (p * ITERS + it) * BLOCK, 0), BLOCK).to(tl.float32)
+        mean_pos, m2_pos = merge_moments(n, mean_pos, m2_pos, pos - pos0, mask, n_b)
+        mean_cfg, m2_cfg = merge_moments(n, mean_cfg, m2_cfg, cfg - cfg0, mask, n_b)
         n += n_b
     row = stats_ptr + (b * P + p) * 4
     tl.store(row, mean_pos)
@@ -166,7 +174,7 @@ def cfg_rescale(m: torch.Tensor, guidance_scale: torch.Tensor,
     _cfg_rescale_kernel[walk.grid](
         m, out, stats, guidance_scale, guidance_rescale, B, walk.n, walk.d2, walk.d3,
         *walk.strides(m), *walk.strides(out), walk.chunks, ITERS=walk.iters, BLOCK=BLOCK,
-        P_POW2=triton.next_power_of_2(walk.chunks), DENSE=walk.dense(m, out),
+        P_POW2=walk.chunks_pow2, DENSE=walk.dense(m, out),
         enable_fp_fusion=False)
     return out
 

@@ -16,11 +16,13 @@ bit: 0*(cfg*ratio) + 1*cfg).
 """
 import torch
 
+from engine.samplers import ddim_update as ddim_update_line
+
 from ._common import BLOCK, PREDICTION_CODES, Walk, check_launchable, tile_offsets, use_triton
 from ._triton import tl, triton
 from .cfg_rescale import cfg_rescale_reference, cfg_stats, guided_tile, load_pair, rescale_ratio
-from .sampler_update import (check_step, ddim_combine, launch_sampler_update, load_coefs,
-                             step_outputs, write_step, x0_eps_reference)
+from .sampler_update import (check_step, launch_sampler_update, load_coefs,
+                             step_operands, write_step, x0_eps_reference)
 
 # ---------------------------------------------------------------------------------------------
 # Kernel
@@ -65,37 +67,6 @@ def _guided_step_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Entry points: one check, then Triton or the reference
-
-
-def guided_step(m, x, noise_i, a_t, s_t, coef_i, guidance_scale, guidance_rescale,
-                prediction_type: str, cfg: bool) -> torch.Tensor:
-    """x_p of one DDIM step from the model output m at x_t (with CFG + rescale when cfg).
-
-    m: [2B, C, H, W] ([neg, pos]) when cfg, else [B, C, H, W], model dtype; x, noise_i:
-    [B, C, H, W] fp32 (noise_i may be the view noise[:, i]); a_t, s_t, guidance_scale,
-    guidance_rescale: 0-dim fp32 tensors; coef_i: [3] fp32, the plan_ddim row. Returns fp32.
-    """
-    _check(m, x, noise_i, a_t, s_t, coef_i, guidance_scale, guidance_rescale, prediction_type, cfg)
-    if use_triton(x):
-        return _launch(m, x, noise_i, a_t, s_t, coef_i, guidance_scale, guidance_rescale,
-                       prediction_type, cfg)[0]
-    return guided_step_reference(m, x, noise_i, a_t, s_t, coef_i, guidance_scale,
-                                 guidance_rescale, prediction_type, cfg)
-
-
-def guided_x0_eps(m, x, a_t, s_t, guidance_scale, guidance_rescale, prediction_type: str,
-                  cfg: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, eps) fp32 from the model output m at x_t, with CFG + rescale when cfg (as guided_step)."""
-    _check(m, x, None, a_t, s_t, None, guidance_scale, guidance_rescale, prediction_type, cfg)
-    if use_triton(x):
-        return _launch(m, x, None, a_t, s_t, None, guidance_scale, guidance_rescale,
-                       prediction_type, cfg)
-    return guided_x0_eps_reference(m, x, a_t, s_t, guidance_scale, guidance_rescale,
-                                   prediction_type, cfg)
-
-
-# ---------------------------------------------------------------------------------------------
 # Launchers
 
 
@@ -131,16 +102,14 @@ def _launch(m, x, noise_i, a_t, s_t, coef_i, guidance_scale, guidance_rescale, p
     if not cfg:  # m is the positive output as is: the sampler update alone
         return launch_sampler_update(m, x, noise_i, a_t, s_t, coef_i, prediction_type)
     walk = Walk(x)
-    stats = cfg_stats(m, guidance_scale, walk)
-    want_x0_eps = noise_i is None
-    out, eps = step_outputs(x, walk, want_x0_eps)
-    z, coef = (x, a_t) if want_x0_eps else (noise_i, coef_i)  # placeholders, never read
-    _guided_step_kernel[walk.grid](
-        m, x, z, out, eps, stats, guidance_scale, guidance_rescale, a_t, s_t,
-        coef, coef.stride(0) if coef.ndim else 0, walk.batch, walk.n, walk.d2, walk.d3,
-        walk.chunks, *walk.strides(m), *walk.strides(x), *walk.strides(z), *walk.strides(out),
-        ITERS=walk.iters, BLOCK=BLOCK, P_POW2=triton.next_power_of_2(walk.chunks),
-        PRED=PREDICTION_CODES[prediction_type], X0_EPS=want_x0_eps,
+    stats = cfg_stats(m, guidance_scale, walk)  # launch 1
+    out, eps, z, coef, coef_stride = step_operands(x, noise_i, a_t, coef_i, walk)
+    _guided_step_kernel[walk.grid](  # launch 2
+        m, x, z, out, eps, stats, guidance_scale, guidance_rescale, a_t, s_t, coef, coef_stride,
+        walk.batch, walk.n, walk.d2, walk.d3, walk.chunks,
+        *walk.strides(m), *walk.strides(x), *walk.strides(z), *walk.strides(out),
+        ITERS=walk.iters, BLOCK=BLOCK, P_POW2=walk.chunks_pow2,
+        PRED=PREDICTION_CODES[prediction_type], X0_EPS=noise_i is None,
         DENSE=walk.dense(m, x, z, out), enable_fp_fusion=False)
     return out, eps
 
@@ -162,4 +131,35 @@ def guided_step_reference(m, x, noise_i, a_t, s_t, coef_i, guidance_scale, guida
     """guided_x0_eps_reference then the DDIM update of engine.samplers.sample_ddim."""
     x0, eps = guided_x0_eps_reference(m, x, a_t, s_t, guidance_scale, guidance_rescale,
                                       prediction_type, cfg)
-    return ddim_combine(x0, eps, noise_i, coef_i)
+    return ddim_update_line(x0, eps, noise_i, coef_i)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points: one check, then Triton or the reference
+
+
+def guided_step(m, x, noise_i, a_t, s_t, coef_i, guidance_scale, guidance_rescale,
+                prediction_type: str, cfg: bool) -> torch.Tensor:
+    """x_p of one DDIM step from the model output m at x_t (with CFG + rescale when cfg).
+
+    m: [2B, C, H, W] ([neg, pos]) when cfg, else [B, C, H, W], model dtype; x, noise_i:
+    [B, C, H, W] fp32 (noise_i may be the view noise[:, i]); a_t, s_t, guidance_scale,
+    guidance_rescale: 0-dim fp32 tensors; coef_i: [3] fp32, the plan_ddim row. Returns fp32.
+    """
+    _check(m, x, noise_i, a_t, s_t, coef_i, guidance_scale, guidance_rescale, prediction_type, cfg)
+    if use_triton(x):
+        return _launch(m, x, noise_i, a_t, s_t, coef_i, guidance_scale, guidance_rescale,
+                       prediction_type, cfg)[0]
+    return guided_step_reference(m, x, noise_i, a_t, s_t, coef_i, guidance_scale,
+                                 guidance_rescale, prediction_type, cfg)
+
+
+def guided_x0_eps(m, x, a_t, s_t, guidance_scale, guidance_rescale, prediction_type: str,
+                  cfg: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) fp32 from model output m at x_t, with CFG + rescale when cfg (as guided_step)."""
+    _check(m, x, None, a_t, s_t, None, guidance_scale, guidance_rescale, prediction_type, cfg)
+    if use_triton(x):
+        return _launch(m, x, None, a_t, s_t, None, guidance_scale, guidance_rescale,
+                       prediction_type, cfg)
+    return guided_x0_eps_reference(m, x, a_t, s_t, guidance_scale, guidance_rescale,
+                                   prediction_type, cfg)

@@ -9,9 +9,11 @@ eps with their own coefficients.
 import torch
 
 from engine.prediction import to_x0_eps
+from engine.samplers import ddim_update as ddim_update_line
 
 from ._common import (BLOCK, PREDICTION_CODES, Walk, check_device, check_launchable,
-                      check_model_output, check_prediction_type, check_scalars, check_tensor, tile_offsets)
+                      check_model_output, check_prediction_type, check_scalars, check_tensor,
+                      tile_offsets)
 from ._triton import tl, triton
 
 # ---------------------------------------------------------------------------------------------
@@ -24,12 +26,12 @@ def x0_eps_tile(m, x, a, s, PRED: tl.constexpr):
     if PRED == 0:  # v: never routed through eps, so abar = 0 gives x0 = -v, eps = x exactly
         x0 = a * x - s * m
         eps = a * m + s * x
-    elif PRED == 1:  # epsilon
-        x0 = tl.div_rn(x - s * m, a)
+    elif PRED == 1:  # epsilon; IEEE division (plain / may be approximate), broadcast by hand
+        x0 = tl.div_rn(x - s * m, tl.broadcast_to(a, x.shape))
         eps = m
     else:  # sample
         x0 = m
-        eps = tl.div_rn(x - a * m, s)
+        eps = tl.div_rn(x - a * m, tl.broadcast_to(s, x.shape))
     return x0, eps
 
 
@@ -108,10 +110,15 @@ def check_step(m, x, noise_i, prediction_type, cfg, **scalars):
     check_prediction_type(prediction_type)
 
 
-def step_outputs(x: torch.Tensor, walk: Walk, x0_eps: bool):
-    """(out, eps): x_p and a placeholder, or x0 and eps; fp32, dense in x's memory order."""
+def step_operands(x, noise_i, a_t, coef_i, walk: Walk):
+    """(out, eps, z, coef, coef_stride) of a step launch; outputs fp32, dense in x's order.
+
+    noise_i None selects the (x0, eps) variant: z and coef are then placeholders never read.
+    """
     out = walk.empty(x)
-    return out, (walk.empty(x) if x0_eps else out)
+    if noise_i is None:
+        return out, walk.empty(x), x, a_t, 0
+    return out, out, noise_i, coef_i, coef_i.stride(0)
 
 
 def ddim_update(m, x, noise_i, a_t, s_t, coef_i, prediction_type: str) -> torch.Tensor:
@@ -131,25 +138,17 @@ def x0_eps(m, x, a_t, s_t, prediction_type: str) -> tuple[torch.Tensor, torch.Te
 def launch_sampler_update(m, x, noise_i, a_t, s_t, coef_i, prediction_type):
     """One launch of _sampler_update_kernel: x_p, or (x0, eps) when noise_i is None. Pre-checked."""
     walk = Walk(x)
-    want_x0_eps = noise_i is None
-    out, eps = step_outputs(x, walk, want_x0_eps)
-    z, coef = (x, a_t) if want_x0_eps else (noise_i, coef_i)  # placeholders the kernel never reads
+    out, eps, z, coef, coef_stride = step_operands(x, noise_i, a_t, coef_i, walk)
     _sampler_update_kernel[walk.grid](
-        m, x, z, out, eps, a_t, s_t, coef, coef.stride(0) if coef.ndim else 0,
-        walk.n, walk.d2, walk.d3, *walk.strides(m), *walk.strides(x), *walk.strides(z),
-        *walk.strides(out), ITERS=walk.iters, BLOCK=BLOCK,
-        PRED=PREDICTION_CODES[prediction_type], X0_EPS=want_x0_eps, DENSE=walk.dense(m, x, z, out),
-        enable_fp_fusion=False)
+        m, x, z, out, eps, a_t, s_t, coef, coef_stride, walk.n, walk.d2, walk.d3,
+        *walk.strides(m), *walk.strides(x), *walk.strides(z), *walk.strides(out),
+        ITERS=walk.iters, BLOCK=BLOCK, PRED=PREDICTION_CODES[prediction_type],
+        X0_EPS=noise_i is None, DENSE=walk.dense(m, x, z, out), enable_fp_fusion=False)
     return out, eps
 
 
 # ---------------------------------------------------------------------------------------------
 # References (also the CPU fallback)
-
-
-def ddim_combine(x0, eps, noise_i, coef_i) -> torch.Tensor:
-    """The update line of engine.samplers.sample_ddim: c0*x0 + c1*eps + c2*z."""
-    return coef_i[0] * x0 + coef_i[1] * eps + coef_i[2] * noise_i
 
 
 def x0_eps_reference(m, x, a_t, s_t, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,4 +158,4 @@ def x0_eps_reference(m, x, a_t, s_t, prediction_type: str) -> tuple[torch.Tensor
 
 def ddim_update_reference(m, x, noise_i, a_t, s_t, coef_i, prediction_type: str) -> torch.Tensor:
     """to_x0_eps then the DDIM update, in fp32."""
-    return ddim_combine(*x0_eps_reference(m, x, a_t, s_t, prediction_type), noise_i, coef_i)
+    return ddim_update_line(*x0_eps_reference(m, x, a_t, s_t, prediction_type), noise_i, coef_i)

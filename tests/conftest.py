@@ -1,4 +1,13 @@
 """Shared fixtures: small models built from configs (random weights, nothing downloaded)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU only under the interpreter, chosen when triton.jit decorates
+    # them: set it before anything imports `kernels` (LUMEN_KERNELS=triton then selects them).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import math
 from types import SimpleNamespace
 
