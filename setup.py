@@ -20,11 +20,15 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"],
+        "onnx-gpu": ["onnx>=1.16", "onnxruntime-gpu>=1.18", "onnxscript>=0.2"],
         "tensorrt": ["tensorrt>=10.0"],
         "kernels": ["triton>=3.0"],
         "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7"],
-        "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "triton>=3.0", "matplotlib>=3.7"],
+        # tensorrt-stubs (type checking of export/trt_backend.py) must be installed with
+        # --no-deps: its dependencies are TensorRT's CUDA wheels. .ci/run does that.
+        "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "triton>=3.0", "matplotlib>=3.7",
+                 "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "mypy>=1.10"],
     },
     entry_points={"console_scripts": ["lumen=engine.cli:main"]},
 )

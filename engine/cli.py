@@ -70,7 +70,9 @@ def main(argv=None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(subparsers)
     from benchmarks.cli import add_parsers
+    from export.cli import add_build_parser
 
+    add_build_parser(subparsers)
     add_parsers(subparsers)
     args = parser.parse_args(argv)
     try:

@@ -115,6 +115,10 @@ class ArtifactCache:
     def metadata(self, key: str) -> dict[str, Any]:
         return json.loads(self.sidecar(key).read_text())
 
+    def digest(self, key: str) -> str:
+        """SHA-256 over the entry's file names and hashes: identifies its content as a whole."""
+        return key_of(self.metadata(key)["files"])
+
     def _verify(self, key: str, fields: dict[str, Any], sidecar: Path) -> str | None:
         try:
             meta = json.loads(sidecar.read_text())
