@@ -110,6 +110,9 @@ PRESETS = {
 
 def _training_fields(config: dict) -> dict:
     defaults = SamplerConfig()
+    if config.get("trained_betas") is not None:
+        raise InvalidInputError("scheduler config with trained_betas; expected a named beta_schedule "
+                                f"(one of {', '.join(schedules.BETA_SCHEDULES)})")
     return {
         "num_train_timesteps": int(config.get("num_train_timesteps", defaults.num_train_timesteps)),
         "beta_schedule": config.get("beta_schedule", "linear"),
@@ -125,7 +128,13 @@ def _sampling_fields(config: dict) -> dict:
     if name not in _DIFFUSERS_SAMPLERS:
         raise InvalidInputError(f"diffusers scheduler {name!r} has no Lumen equivalent; expected "
                                 f"one of {sorted(_DIFFUSERS_SAMPLERS)} or a SamplerConfig")
-    spacing = config.get("timestep_spacing", "leading")
+    if name == "DPMSolverMultistepScheduler":
+        solver = (config.get("algorithm_type", "dpmsolver++"), int(config.get("solver_order", 2)))
+        if solver != ("dpmsolver++", 2):
+            raise InvalidInputError(f"DPMSolverMultistepScheduler algorithm_type={solver[0]!r}, "
+                                    f"solver_order={solver[1]}; expected 'dpmsolver++' of order 2")
+    # diffusers' own default spacing per class, for configs that do not name one
+    spacing = config.get("timestep_spacing", "leading" if name == "DDIMScheduler" else "linspace")
     if config.get("use_karras_sigmas", False):
         spacing = "karras"
     return {"sampler": _DIFFUSERS_SAMPLERS[name], "timestep_spacing": spacing,

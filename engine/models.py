@@ -31,7 +31,7 @@ class Components:
         for module in (self.unet, self.vae, text_module, self.initial_step):
             if isinstance(module, torch.nn.Module):
                 module.eval().requires_grad_(False).to(device=device)
-                if next(module.parameters()).dtype != dtype:
+                if any(p.dtype != dtype for p in module.parameters()):
                     module.to(dtype=dtype)
         return self
 

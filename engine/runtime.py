@@ -85,9 +85,10 @@ class Engine:
         shape = self._latent_shape(pos.shape[0], height, width)
         plan = samplers.make_plan(self.config, num_inference_steps, eta)
         x_T, noise = draw_noise(generator, shape, plan, self.device, latents)
-        emb = torch.cat([neg, pos]) if cfg else pos  # [negative, positive], as diffusers
+        pos = pos.to(self.device, self.dtype)
+        emb = torch.cat([neg.to(self.device, self.dtype), pos]) if cfg else pos  # [negative, positive]
         scalars = torch.tensor([guidance_scale, guidance_rescale], dtype=torch.float32).to(self.device)
-        x0 = self.sample(emb.to(self.device, self.dtype), x_T, noise, plan.to(self.device),
+        x0 = self.sample(emb, x_T, noise, plan.to(self.device),
                          scalars[0], scalars[1], cfg, callback)
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
@@ -130,7 +131,7 @@ class Engine:
         if cfg:
             u, c = x0.chunk(2)
             x0 = (u + w * (c - u)) / w
-        return dp.a[0] * x0 + dp.s[0] * x_T
+        return dp.a_start * x0 + dp.s_start * x_T
 
     def _check_scalars(self, steps, guidance_scale, guidance_rescale, eta, num_images, output_type):
         check_int("num_inference_steps", steps, 1, self.config.num_train_timesteps)
@@ -175,10 +176,10 @@ def draw_noise(generator, shape: tuple, plan: samplers.Plan, device, latents=Non
     for i, g in enumerate(generators):
         if g is not None and not isinstance(g, torch.Generator):
             raise InvalidTypeError(f"generator of type {type(g).__name__}; expected torch.Generator")
-        device = g.device if g is not None else "cpu"
-        x_T.append(torch.randn(shape[1:], generator=g, device=device) if latents is None else latents[i])
+        where = g.device if g is not None else "cpu"  # draw where the generator lives
+        x_T.append(torch.randn(shape[1:], generator=g, device=where) if latents is None else latents[i])
         if plan.needs_noise:
-            noise.append(torch.randn((S, *shape[1:]), generator=g, device=device))
+            noise.append(torch.randn((S, *shape[1:]), generator=g, device=where))
     x_T = torch.stack([x.to(device, torch.float32) for x in x_T])
     if not plan.needs_noise:
         return x_T, torch.zeros((), device=device).expand(n, S, *shape[1:])

@@ -27,6 +27,7 @@ class Plan:
     timesteps: torch.Tensor  # [E] model timestep of each evaluation point
     abar: torch.Tensor  # [E] abar at each evaluation point
     coef: torch.Tensor  # [S, K] per-step update coefficients
+    abar_start: float  # abar of the first listed timestep (before any churn)
     corrector: tuple[bool, ...] = ()  # heun: per step, whether a second evaluation follows
 
     @property
@@ -43,8 +44,9 @@ class Plan:
         """Device copy: timesteps, a, s and coefficients as `dtype` tensors."""
         def put(t):
             return t.to(device=device, dtype=dtype)
-        return DevicePlan(self, put(self.timesteps), put(self.abar.sqrt()),
-                          put((1 - self.abar).sqrt()), put(self.coef))
+        start = torch.tensor([self.abar_start], dtype=torch.float64)
+        return DevicePlan(self, put(self.timesteps), put(self.abar.sqrt()), put((1 - self.abar).sqrt()),
+                          put(self.coef), put(start.sqrt())[0], put((1 - start).sqrt())[0])
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class DevicePlan:
     a: torch.Tensor  # [E]
     s: torch.Tensor  # [E]
     coef: torch.Tensor  # [S, K]
+    a_start: torch.Tensor  # 0-dim: sqrt(abar) of the first listed timestep
+    s_start: torch.Tensor  # 0-dim: sqrt(1 - abar) of the first listed timestep
 
 
 def step_schedule(config: SamplerConfig, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +83,7 @@ def plan_ddim(t: torch.Tensor, abar: torch.Tensor, eta: float) -> Plan:
     sigma = eta * ((1 - abar_p) / (1 - abar_t) * (1 - abar_t / abar_p)).sqrt()
     # Clamped: at eta = 1 and zero SNR this is one ulp below zero in fp32 (diffusers #5969).
     c_eps = (1 - abar_p - sigma**2).clamp(min=0).sqrt()
-    return Plan("ddim", t, abar_t, torch.stack([abar_p.sqrt(), c_eps, sigma], dim=1))
+    return Plan("ddim", t, abar_t, torch.stack([abar_p.sqrt(), c_eps, sigma], dim=1), float(abar[0]))
 
 
 def ddim_update(x0: torch.Tensor, eps: torch.Tensor, z: torch.Tensor, coef_i: torch.Tensor) -> torch.Tensor:
@@ -116,7 +120,7 @@ def plan_dpmpp_2m(t: torch.Tensor, abar: torch.Tensor) -> Plan:
             half_over_r = float(h[i] / h[i - 1]) / 2
             coef[i, 2] = -coef[i, 1] * half_over_r
             coef[i, 1] = coef[i, 1] * (1 + half_over_r)
-    return Plan("dpmpp_2m", t, abar[:-1], coef)
+    return Plan("dpmpp_2m", t, abar[:-1], coef, float(abar[0]))
 
 
 def sample_dpmpp_2m(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor,
@@ -167,7 +171,7 @@ def plan_edm(t: torch.Tensor, abar: torch.Tensor, config: SamplerConfig, abar_tr
         if corrector[i]:
             ts.append(t[i + 1]), abars.append(abar[i + 1])
     name = "heun" if second_order else "euler"
-    return Plan(name, torch.stack(ts), torch.stack(abars), coef, corrector)
+    return Plan(name, torch.stack(ts), torch.stack(abars), coef, float(abar[0]), corrector)
 
 
 def sample_edm(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor,

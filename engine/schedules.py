@@ -9,6 +9,8 @@ import math
 import numpy as np
 import torch
 
+from .errors import InvalidInputError
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "linspace", "trailing", "karras")
 _F64 = torch.float64
@@ -26,7 +28,7 @@ def make_betas(beta_schedule: str, num_train_timesteps: int, beta_start: float, 
         u = torch.arange(T + 1, dtype=_F64) / T
         f = torch.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
         return torch.clamp(1 - f[1:] / f[:-1], max=max_beta)
-    raise ValueError(f"beta_schedule={beta_schedule!r}; expected one of {BETA_SCHEDULES}")
+    raise InvalidInputError(f"beta_schedule={beta_schedule!r}; expected one of {BETA_SCHEDULES}")
 
 
 def abar_from_betas(betas: torch.Tensor) -> torch.Tensor:
@@ -58,7 +60,7 @@ def train_abar(beta_schedule: str, num_train_timesteps: int, beta_start: float, 
 def check_num_steps(num_train_timesteps: int, num_steps: int) -> None:
     """Raise unless 1 <= num_steps <= T (more steps than training timesteps cannot be distinct)."""
     if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_inference_steps={num_steps}; expected an integer in "
+        raise InvalidInputError(f"num_inference_steps={num_steps}; expected an integer in "
                          f"[1, {num_train_timesteps}]")
 
 
@@ -75,9 +77,9 @@ def spaced_timesteps(spacing: str, num_train_timesteps: int, num_steps: int,
         # T - k*T/S for k = 0..S-1, rounded half to even as numpy does, minus one: starts at T-1.
         t = (T - torch.arange(S, dtype=_F64) * (T / S)).round().to(torch.int64) - 1
     else:
-        raise ValueError(f"timestep_spacing={spacing!r}; expected one of {SPACINGS[:3]}")
+        raise InvalidInputError(f"timestep_spacing={spacing!r}; expected one of {SPACINGS[:3]}")
     if int(t.max()) > T - 1 or int(t.min()) < 0:
-        raise ValueError(f"steps_offset={steps_offset} moves {spacing} timesteps outside [0, {T - 1}]")
+        raise InvalidInputError(f"steps_offset={steps_offset} moves {spacing} timesteps outside [0, {T - 1}]")
     return t
 
 

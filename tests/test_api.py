@@ -166,3 +166,31 @@ def test_missing_folder_and_corrupt_config_are_refused(tmp_path):
     (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(InvalidInputError, match="cannot load UNet2DConditionModel"):
         engine.build(tmp_path)
+
+
+def test_diffusers_settings_lumen_cannot_honour_are_refused():
+    with pytest.raises(InvalidInputError, match="trained_betas"):
+        SamplerConfig.from_diffusers({"_class_name": "DDIMScheduler", "trained_betas": [0.1, 0.2]})
+    with pytest.raises(InvalidInputError, match="solver_order=3"):
+        SamplerConfig.from_diffusers({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3})
+    euler = SamplerConfig.from_diffusers({"_class_name": "EulerDiscreteScheduler"})
+    assert euler.timestep_spacing == "linspace" and euler.sampler == "euler"
+
+
+def test_noise_lands_on_the_engine_device_whatever_the_generator():
+    from engine.runtime import draw_noise
+    from engine.samplers import make_plan
+
+    plan = make_plan(SamplerConfig(), 3, eta=1.0)
+    for generator in (None, torch.Generator()):
+        x_T, noise = draw_noise(generator, (2, 4, 8, 8), plan, torch.device("meta"))
+        assert x_T.device.type == "meta" and noise.device.type == "meta"
+
+
+def test_steps_offset_past_the_last_timestep_is_refused_before_any_model_call(tiny_unet, good):
+    eng = engine.build(tiny_unet, scheduler=SamplerConfig(zero_terminal_snr=False, prediction_type="epsilon",
+                                                          timestep_spacing="leading", steps_offset=1))
+    eng.runner = Spy(eng.runner)
+    with pytest.raises(InvalidInputError, match="steps_offset=1 moves leading timesteps outside"):
+        eng.run(**{**good, "num_inference_steps": 1000})
+    assert eng.runner.calls == 0

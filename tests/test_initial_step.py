@@ -56,3 +56,12 @@ def test_hand_over_guidance_is_normalised_by_w():
 def test_hand_over_is_a_no_op_at_zero_terminal_snr():
     x, x_T = first_model_input(SamplerConfig(), HalfPredictor(0.2, 0.6), w=4.0)
     torch.testing.assert_close(x, x_T, rtol=0, atol=0)
+
+
+def test_hand_over_lands_before_churn_at_the_first_listed_timestep():
+    config = SamplerConfig(zero_terminal_snr=False, prediction_type="epsilon", sampler="heun", s_churn=10.0)
+    plan = make_plan(config, 5)
+    abar_t0 = float(config.train_abar()[999])  # trailing spacing starts at T-1
+    assert plan.abar_start == abar_t0 and float(plan.abar[0]) < abar_t0  # eval point 0 is churned
+    dp = plan.to("cpu")
+    torch.testing.assert_close(dp.a_start, torch.tensor(abar_t0**0.5, dtype=torch.float32))

@@ -7,7 +7,6 @@ The two variants share seed, data, architecture and step count; only the trainin
 and loss target differ (Lin et al. 2023 section 3: the flawed one never sees pure noise).
 """
 import argparse
-import copy
 import json
 import math
 import pathlib
