@@ -18,7 +18,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None,
-          initial_step=None) -> "Engine":
+          initial_step=None, backend_options: dict | None = None) -> "Engine":
     """An Engine for `model` (UNet, pipeline, local folder or built-in name), ready to run.
 
     scheduler=None reads how the model was trained (betas, T, prediction type, zero terminal
@@ -26,6 +26,8 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
     diffusers scheduler, its config dict or a SamplerConfig is taken as given.
     initial_step: a SingDiffusion x0-predictor (module(x_T, embeddings) -> x0, or its folder)
     that replaces the model at the pure-noise end (SPEC section 8).
+    backend_options: keyword arguments of export.load_runner for the onnxruntime and tensorrt
+    backends (cache_dir, min_shape/opt_shape/max_shape as latent (batch, h, w), exporter, provider).
     """
     check_choice("backend", backend, BACKENDS)
     device = torch.device(device if device is not None else
@@ -36,7 +38,8 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
         raise InvalidTypeError(f"dtype={dtype}; expected one of {', '.join(map(str, DTYPES))}")
     components = load_components(model, initial_step).to(device, dtype)
     config = sampler_config(scheduler, components.scheduler_config)
-    return Engine(components, config, unet_runner(components.unet, backend, device, dtype), device, dtype)
+    runner = unet_runner(components.unet, backend, device, dtype, backend_options or {})
+    return Engine(components, config, runner, device, dtype)
 
 
 def sampler_config(scheduler, model_config: dict | None) -> SamplerConfig:
@@ -50,16 +53,18 @@ def sampler_config(scheduler, model_config: dict | None) -> SamplerConfig:
     return SamplerConfig()  # a bare UNet: assume Lin et al.'s setup (zero SNR, v-prediction)
 
 
-def unet_runner(unet, backend: str, device, dtype):
+def unet_runner(unet, backend: str, device, dtype, options: dict):
     """runner(sample, timestep, encoder_hidden_states) -> UNet output, on the chosen backend."""
     if backend == "torch":
+        if options:
+            raise InvalidInputError(f"backend_options={options!r} with backend='torch'; expected none")
         return lambda x, t, emb: unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
     try:
         from export import load_runner
     except ImportError as err:
         raise BackendUnavailableError(f"backend={backend!r} cannot load ({err}); "
                                       "use backend='torch'") from err
-    return load_runner(unet, backend, device=device, dtype=dtype)
+    return load_runner(unet, backend, device=device, dtype=dtype, **options)
 
 
 class Engine:
