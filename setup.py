@@ -9,7 +9,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*",
                                     "export", "export.*", "benchmarks", "benchmarks.*"]),
-    package_data={"engine": ["builtin/weights/*/*/*.json", "builtin/weights/*/*/*.safetensors"]},
+    package_data={"engine": ["builtin/weights/*/*.json", "builtin/weights/*/*/*.json",
+                             "builtin/weights/*/*/*.safetensors"]},
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.30",

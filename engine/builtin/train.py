@@ -21,7 +21,7 @@ from ..config import PRESETS, SamplerConfig
 from ..errors import InvalidInputError
 from . import WEIGHTS_DIR, scenes
 from .models import unet_config
-from .text import LumenTextEncoder, WordTokenizer, save_text_model
+from .text import LumenTextEncoder, WordTokenizer, load_text_encoder, save_text_model
 
 VARIANTS = {"default": SamplerConfig(), "flawed": PRESETS["sd"]}
 MAX_LENGTH = 10  # BOS + the longest caption (8 words) + slack
@@ -110,10 +110,13 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * u)))
 
 
-def train(config: TrainConfig, log=print):
-    """Train; returns (encoder, unet) holding the EMA weights, and a stats dict."""
+def train(config: TrainConfig, log=print, init_from=None):
+    """Train (from init_from's weights if given); returns (encoder, unet) with EMA weights, stats."""
     torch.set_num_threads(config.threads)
     encoder, unet = build_models(config)
+    if init_from is not None:
+        encoder.load_state_dict(load_text_encoder(init_from).state_dict())
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(pathlib.Path(init_from) / "unet").state_dict())
     modules = (encoder, unet)
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
@@ -155,8 +158,12 @@ def scheduler_config(variant: str) -> dict:
             "clip_sample": False, "set_alpha_to_one": True}
 
 
-def save_model(out_dir, encoder, unet, config: TrainConfig, stats: dict) -> None:
-    """unet/, text_encoder/, tokenizer/, scheduler/ and training.json under out_dir."""
+def save_model(out_dir, encoder, unet, config: TrainConfig, stats: dict,
+               previous: dict | None = None) -> None:
+    """unet/, text_encoder/, tokenizer/, scheduler/ and training.json under out_dir.
+
+    previous: the training.json of the run this one continued from (kept as "phases").
+    """
     out_dir = pathlib.Path(out_dir)
     unet.save_pretrained(out_dir / "unet", safe_serialization=True)
     save_text_model(out_dir, encoder)
@@ -166,6 +173,11 @@ def save_model(out_dir, encoder, unet, config: TrainConfig, stats: dict) -> None
     record = {"command": "python -m engine.builtin.train " + " ".join(sys.argv[1:]),
               "config": asdict(config), "data_seed": config.seed, "noise_seed": config.seed + 1,
               "init_seed": config.seed, "torch": torch.__version__, **stats}
+    if previous is not None:
+        phases = previous.pop("phases", [previous])
+        record = {**record, "phases": phases + [dict(record)],
+                  "total_steps": sum(r["config"]["steps"] for r in phases) + config.steps,
+                  "total_wall_time_s": sum(r["wall_time_s"] for r in phases) + stats["wall_time_s"]}
     (out_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
@@ -177,14 +189,20 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--threads", type=int, default=TrainConfig.threads)
+    p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
+    p.add_argument("--init-from", type=pathlib.Path, default=None,
+                   help="continue from this model directory's weights (its training.json is kept)")
     p.add_argument("--out", type=pathlib.Path, default=None,
                    help="output directory (default: engine/builtin/weights/<variant>)")
     args = p.parse_args(argv)
     config = TrainConfig(variant=args.variant, steps=args.steps, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed, threads=args.threads)
-    encoder, unet, stats = train(config, log=lambda m: print(m, flush=True))
+                         lr=args.lr, seed=args.seed, threads=args.threads, warmup=args.warmup)
+    previous = None
+    if args.init_from is not None:
+        previous = json.loads((args.init_from / "training.json").read_text())
+    encoder, unet, stats = train(config, lambda m: print(m, flush=True), args.init_from)
     out = args.out or WEIGHTS_DIR / args.variant
-    save_model(out, encoder, unet, config, stats)
+    save_model(out, encoder, unet, config, stats, previous)
     print(f"saved {out}: {json.dumps(stats)}", flush=True)
 
 

@@ -1,0 +1,148 @@
+"""Training and serialisation of the built-in models (engine/builtin/train.py, text.py, models.py)."""
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from engine.builtin import MODEL_NAMES, model_dir, scenes
+from engine.builtin.models import load_initial_step
+from engine.builtin.text import LumenTextEncoder, WordTokenizer, load_text_encoder
+from engine.builtin.train import (VARIANTS, TrainConfig, build_models, diffusion_loss, save_model,
+                                  scheduler_config, train)
+from engine.builtin.train_initial_step import InitialStepConfig
+from engine.builtin.train_initial_step import train as train_initial_step
+from engine.config import PRESETS, SamplerConfig
+from engine.errors import InvalidInputError
+
+TINY = dict(steps=3, batch_size=4, warmup=1, tiny=True)
+
+
+def _params(*modules) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for m in modules for p in m.parameters()])
+
+
+def test_encoder_save_load_round_trip_is_exact(tmp_path):
+    torch.manual_seed(0)
+    encoder = LumenTextEncoder(WordTokenizer(scenes.vocabulary(), 10), dim=16, num_layers=1)
+    torch.nn.init.normal_(encoder.position_embedding)  # not the init values
+    prompts = ["a red circle", "", "solid black background"]
+    encoder.save_pretrained(tmp_path / "text_encoder")
+    encoder.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    config = json.loads((tmp_path / "text_encoder" / "config.json").read_text())
+    assert config["_class_name"] == "LumenTextEncoder"
+    assert (tmp_path / "text_encoder" / "model.safetensors").is_file()
+    assert (tmp_path / "tokenizer" / "vocab.json").is_file()
+    loaded = load_text_encoder(tmp_path)
+    with torch.no_grad():
+        h = encoder.eval().encode(prompts)
+        assert h.shape == (3, 10, 16)
+        assert torch.equal(loaded.encode(prompts), h)
+
+
+def test_encoder_distinguishes_prompts():
+    encoder, _ = build_models(TrainConfig(tiny=True))
+    with torch.no_grad():
+        h = encoder.encode(["a red circle", "a blue circle", ""])
+    assert not torch.allclose(h[0], h[1]) and not torch.allclose(h[0], h[2])
+
+
+@pytest.mark.parametrize("variant", ["default", "flawed"])
+def test_few_training_steps_give_finite_loss_and_change_weights(variant):
+    config = TrainConfig(variant=variant, **TINY)
+    before = _params(*build_models(config))
+    encoder, unet, stats = train(config, log=lambda m: None)
+    after = _params(encoder, unet)
+    assert torch.isfinite(torch.tensor(stats["final_loss"]))
+    assert 0.05 < stats["avg_loss"] < 10.0
+    assert (after - before).abs().max() > 1e-4
+    assert torch.isfinite(after).all()
+
+
+def test_variants_share_initialisation_and_differ_only_in_schedule():
+    init_default = _params(*build_models(TrainConfig(variant="default", tiny=True)))
+    init_flawed = _params(*build_models(TrainConfig(variant="flawed", tiny=True)))
+    assert torch.equal(init_default, init_flawed)
+    assert float(VARIANTS["default"].train_abar()[-1]) == 0.0
+    assert float(VARIANTS["flawed"].train_abar()[-1]) == pytest.approx(0.068265**2, rel=1e-3)
+    assert VARIANTS["default"].prediction_type == "v_prediction"
+    assert VARIANTS["flawed"].prediction_type == "epsilon"
+
+
+def test_v_loss_at_terminal_timestep_targets_minus_x0():
+    """At abar = 0 the v target is -x0: a UNet that outputs -x0 there has zero loss."""
+    config = TrainConfig(tiny=True)
+    encoder, _ = build_models(config)
+    x0, captions = scenes.sample_batch(4, torch.Generator().manual_seed(0), config.image_size)
+    abar = torch.zeros(1)  # every t is the terminal, zero-SNR timestep
+
+    class MinusX0:
+        def __call__(self, x_t, t, encoder_hidden_states):
+            return type("Out", (), {"sample": -x0})()
+
+    loss = diffusion_loss(encoder, MinusX0(), x0, captions, abar, "v_prediction",
+                          torch.Generator().manual_seed(1), 0.1)
+    assert float(loss) == 0.0
+
+
+@pytest.mark.parametrize("variant", ["default", "flawed"])
+def test_scheduler_config_describes_the_training_schedule(variant):
+    config = scheduler_config(variant)
+    assert config["_class_name"] == "DDIMScheduler"
+    assert SamplerConfig.from_diffusers(config) == (SamplerConfig() if variant == "default"
+                                                    else PRESETS["sd"])
+    assert config["timestep_spacing"] == ("trailing" if variant == "default" else "leading")
+
+
+def test_save_model_writes_diffusers_layout(tmp_path):
+    config = TrainConfig(variant="flawed", steps=1, batch_size=2, tiny=True)
+    encoder, unet, stats = train(config, log=lambda m: None)
+    save_model(tmp_path, encoder, unet, config, stats)
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record["config"]["steps"] == 1 and record["config"]["batch_size"] == 2
+    assert record["data_seed"] == 0 and "wall_time_s" in record and "command" in record
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    assert torch.equal(_params(loaded), _params(unet))
+    scheduler = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "epsilon" and scheduler["steps_offset"] == 1
+
+
+def test_train_config_rejects_unknown_variant():
+    with pytest.raises(InvalidInputError, match="'sd'"):
+        TrainConfig(variant="sd")
+
+
+def test_initial_step_predictor_trains_and_round_trips(tmp_path):
+    encoder, _ = build_models(TrainConfig(tiny=True))
+    predictor, stats = train_initial_step(InitialStepConfig(steps=2, batch_size=4, tiny=True),
+                                          encoder, log=lambda m: None)
+    assert torch.isfinite(torch.tensor(stats["final_loss"]))
+    predictor.save_pretrained(tmp_path, text_encoder_of="flawed")
+    loaded = load_initial_step(tmp_path)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        text = encoder.encode(["a red circle", ""])
+        assert torch.equal(loaded(x_T, text), predictor(x_T, text))
+    assert all(p.grad is None for p in encoder.parameters())  # the encoder stays frozen
+
+
+def test_model_dir_names_the_shipped_models():
+    assert MODEL_NAMES == ("default", "flawed")
+    assert model_dir("default").name == "default"
+    with pytest.raises(InvalidInputError, match="'sd'"):
+        model_dir("sd")
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_shipped_weights_load_and_are_small(name):
+    directory = model_dir(name)
+    if not (directory / "unet").is_dir():
+        pytest.skip(f"{directory} not trained yet")
+    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    assert size < 10 * 2**20
+    encoder = load_text_encoder(directory)
+    unet = UNet2DConditionModel.from_pretrained(directory / "unet")
+    assert unet.config.cross_attention_dim == encoder.dim
+    assert unet.config.sample_size == scenes.IMAGE_SIZE and unet.config.in_channels == 3
+    scheduler = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
+    assert SamplerConfig.from_diffusers(scheduler) == VARIANTS[name]
