@@ -9,6 +9,7 @@ images in dark / medium / bright bins beside the training data's, plus SingDiffu
 """
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,9 @@ def run_study(n: int, steps: int, guidance: float) -> dict:
     for group, prompt in PROMPTS.items():
         rows = {"training data": caption_brightness(prompt, n=max(n, 1000))}
         for setup in SETUPS:
+            start = time.perf_counter()
             rows[setup.name] = generate_brightness(setup, prompt, n, steps, guidance)
+            print(f"  {prompt!r}, {setup.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
         results[group] = {name: {"values": v.tolist(), "mean": float(v.mean()), **bin_fractions(v)}
                           for name, v in rows.items()}
     return results

@@ -3,6 +3,9 @@
     python -m engine.builtin.train --variant default   # zero terminal SNR, v-prediction
     python -m engine.builtin.train --variant flawed    # SD schedule, epsilon
 
+The shipped weights are two phases per variant (training.json keeps both): the commands above,
+then `--steps 800 --seed 1 --lr 5e-4 --warmup 50 --init-from engine/builtin/weights/<variant>`.
+
 The two variants share seed, data, architecture and step count; only the training schedule
 and loss target differ (Lin et al. 2023 section 3: the flawed one never sees pure noise).
 """
@@ -32,7 +35,7 @@ class TrainConfig:
     """One training run; defaults are the shipped models'."""
 
     variant: str = "default"
-    steps: int = 1500
+    steps: int = 800
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 100

@@ -26,7 +26,7 @@ from .train import EMA, lr_at
 class InitialStepConfig:
     """One training run of the x0-predictor; field names match TrainConfig where shared."""
 
-    steps: int = 600
+    steps: int = 700
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 50
