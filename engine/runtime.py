@@ -36,6 +36,10 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise InvalidTypeError(f"dtype={dtype}; expected one of {', '.join(map(str, DTYPES))}")
+    if backend == "tensorrt":
+        from export.trt_backend import check_available
+
+        check_available(device)  # before loading any weights
     components = load_components(model, initial_step).to(device, dtype)
     config = sampler_config(scheduler, components.scheduler_config)
     runner = unet_runner(components.unet, backend, device, dtype, backend_options or {})

@@ -144,6 +144,8 @@ def test_tensorrt_without_tensorrt_fails_early_naming_the_fallback(tiny_unet):
         pass
     with pytest.raises(BackendUnavailableError, match="torch"):
         engine.build(tiny_unet, backend="tensorrt")
+    with pytest.raises(BackendUnavailableError, match="onnxruntime"):  # before reading the folder
+        engine.build("/nonexistent/model", backend="tensorrt")
 
 
 def test_unknown_backend_and_dtype_are_refused(tiny_unet):
