@@ -109,8 +109,9 @@ class Engine:
         """The sampling loop from x_T to x0 (fp32); every input is already on the device.
 
         emb: [2N or N, L, D] ([negative, positive] when cfg); x_T: [N, C, h, w];
-        noise: [N, S, C, h, w]; w, phi: 0-dim fp32. No host sync and no host-to-device copy
-        happen inside, so a CUDA graph can capture the call whole.
+        noise: [N, S, C, h, w]; w, phi: 0-dim fp32. With the torch and TensorRT backends no host
+        sync and no host-to-device copy happen inside, so a CUDA graph can capture the call whole
+        (onnxruntime runs on its own stream and syncs once per UNet call).
         """
         prediction_type, runner, dtype = self.config.prediction_type, self.runner, self.dtype
 

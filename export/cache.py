@@ -129,16 +129,25 @@ class ArtifactCache:
             return "sidecar format or key does not match"
         if key_of(meta.get("fields", {})) != key_of(fields):
             return "key fields do not match"
-        for name, expected in files.items():
-            path = self.entry_dir(key) / name
-            if not path.is_file():
-                return f"{name} is missing"
-            size = path.stat().st_size
-            if size != expected["size"]:
-                return f"{name} has {size} bytes, sidecar says {expected['size']}"
-            digest = file_sha256(path)
-            if digest != expected["sha256"]:
-                return f"{name} sha256 {digest[:12]}..., sidecar says {expected['sha256'][:12]}..."
+        try:
+            for name, expected in files.items():
+                problem = self._verify_file(self.entry_dir(key) / name, expected["size"],
+                                            expected["sha256"])
+                if problem:
+                    return problem
+        except (KeyError, TypeError, AttributeError) as e:  # valid JSON, wrong structure
+            return f"malformed sidecar file record: {e!r}"
+        return None
+
+    @staticmethod
+    def _verify_file(path: Path, size: int, sha256: str) -> str | None:
+        if not path.is_file():
+            return f"{path.name} is missing"
+        if path.stat().st_size != size:
+            return f"{path.name} has {path.stat().st_size} bytes, sidecar says {size}"
+        digest = file_sha256(path)
+        if digest != sha256:
+            return f"{path.name} sha256 {digest[:12]}..., sidecar says {sha256[:12]}..."
         return None
 
     def store(self, key: str, fields: dict[str, Any], build: Callable[[Path], None]) -> Path:

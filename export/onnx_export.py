@@ -134,12 +134,16 @@ def check_export_args(unet: torch.nn.Module, dtype: torch.dtype, exporter: str) 
             "or dtype float16")
 
 
+EXPORT_FORMAT = 1  # bump whenever this module changes the graph it writes
+
+
 def export_onnx(unet: torch.nn.Module, path: Path, *, dtype: torch.dtype,
                 exporter: str = "torchscript", opset: int | None = None) -> float:
     """Write path (plus path.data when weights exceed 2 GB), check it; returns export seconds."""
     check_export_args(unet, dtype, exporter)
     sig = UNetSignature.of(unet.config)
-    inputs = sig.example(dtype)
+    device = next(unet.parameters()).device  # trace where the UNet lives (CUDA for TensorRT)
+    inputs = {name: t.to(device) for name, t in sig.example(dtype).items()}
     model = _Forward(unet).eval()
     external = sum(p.numel() * p.element_size() for p in unet.parameters()) >= _EXTERNAL_ABOVE
     start = time.perf_counter()
@@ -218,13 +222,21 @@ def _quiet_exporter():
 
 def onnx_key_fields(unet: torch.nn.Module, dtype: torch.dtype, exporter: str,
                     opset: int | None = None) -> dict:
-    """Everything that determines the ONNX file; private config keys (paths) are left out."""
+    """Everything that determines the ONNX file; private config keys (paths) are left out.
+
+    The graph is diffusers' forward with the UNet's attention processors, traced by this
+    module: their versions are part of the key (EXPORT_FORMAT changes with this file's output).
+    """
+    import diffusers
     import onnx
 
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    processors = sorted({type(p).__name__ for p in getattr(unet, "attn_processors", {}).values()})
     return {"artifact": "onnx", "weights_sha256": weights_sha256(unet), "config": config,
             "dtype": str(dtype), "exporter": exporter, "opset": opset or OPSETS[exporter],
-            "torch": torch.__version__, "onnx": onnx.__version__}
+            "torch": torch.__version__, "onnx": onnx.__version__,
+            "diffusers": diffusers.__version__, "attn_processors": processors,
+            "export_format": EXPORT_FORMAT}
 
 
 def export_cached(unet: torch.nn.Module, cache: ArtifactCache, *, dtype: torch.dtype,

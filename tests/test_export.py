@@ -1,5 +1,6 @@
 """export/: ONNX parity with torch, the artifact cache's guarantees, and clear errors."""
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -327,3 +328,16 @@ def test_trt_backend_typechecks_against_tensorrt_stubs(tmp_path):
                            str(tmp_path / "mypy-cache"), "export/trt_backend.py"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_sidecar_with_wrong_structure_is_rebuilt_not_a_crash(tmp_path):
+    cache = ArtifactCache(tmp_path)
+    fields = {"artifact": "test"}
+    entry, _ = cache.get_or_build(fields, lambda d: (d / "a.bin").write_bytes(b"x" * 10))
+    sidecar = cache.sidecar(key_of(fields))
+    meta = json.loads(sidecar.read_text())
+    meta["files"] = {name: {"sha": "?"} for name in meta["files"]}
+    sidecar.write_text(json.dumps(meta))
+    with pytest.warns(CacheWarning, match="malformed sidecar"):
+        entry, hit = cache.get_or_build(fields, lambda d: (d / "a.bin").write_bytes(b"y" * 10))
+    assert not hit and (entry / "a.bin").read_bytes() == b"y" * 10
