@@ -40,6 +40,7 @@ class UNetSignature:
     multiple: int                    # latent H, W must be multiples of 2^(downsamplers)
     text_embeds_dim: int | None      # SDXL addition_embed_type="text_time"
     time_ids_dim: int | None
+    out_channels: int = 0  # 0: same as in_channels
 
     @classmethod
     def of(cls, config) -> "UNetSignature":
@@ -51,7 +52,12 @@ class UNetSignature:
             time_dim = 6  # SDXL: original size, crop top-left, target size
             text_dim = config.projection_class_embeddings_input_dim - time_dim * config.addition_time_embed_dim
         return cls(config.in_channels, cross, 2 ** (len(config.block_out_channels) - 1),
-                   text_dim, time_dim)
+                   text_dim, time_dim, config.out_channels)
+
+    def output_like(self, sample: torch.Tensor) -> torch.Tensor:
+        """An empty UNet output for sample [B, in_channels, H, W]: [B, out_channels, H, W]."""
+        B, _, H, W = sample.shape
+        return sample.new_empty(B, self.out_channels or self.in_channels, H, W)
 
     @property
     def input_names(self) -> tuple[str, ...]:

@@ -96,7 +96,7 @@ class OrtRunner:
         keep = {name: t.contiguous() for name, t in feeds.items()}
         for name, t in keep.items():
             binding.bind_input(name, "cuda", index, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
-        out = torch.empty_like(sample)
+        out = self.signature.output_like(sample)
         binding.bind_output(OUTPUT, "cuda", index, _NUMPY[out.dtype], tuple(out.shape),
                             out.data_ptr())
         torch.cuda.current_stream(sample.device).synchronize()

@@ -253,9 +253,12 @@ class TrtRunner:
         # this same stream, so dropping them after the call is safe.
         keep = {name: t.contiguous() for name, t in feeds.items()}
         for name in self.inputs:
-            self.context.set_input_shape(name, tuple(keep[name].shape))
-            self.context.set_tensor_address(name, keep[name].data_ptr())
-        out = torch.empty_like(sample)
+            if not self.context.set_input_shape(name, tuple(keep[name].shape)):
+                raise InvalidInputError(f"TensorRT refused {name} of shape {tuple(keep[name].shape)}; "
+                                        f"expected a shape inside the profile {self.profile.describe()}")
+            if not self.context.set_tensor_address(name, keep[name].data_ptr()):
+                raise EngineBuildError(f"TensorRT refused the address of {name}")
+        out = self.signature.output_like(sample)
         self.context.set_tensor_address(OUTPUT, out.data_ptr())
         stream = torch.cuda.current_stream(sample.device)
         if not self.context.execute_async_v3(stream.cuda_stream):

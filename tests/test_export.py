@@ -341,3 +341,11 @@ def test_sidecar_with_wrong_structure_is_rebuilt_not_a_crash(tmp_path):
     with pytest.warns(CacheWarning, match="malformed sidecar"):
         entry, hit = cache.get_or_build(fields, lambda d: (d / "a.bin").write_bytes(b"y" * 10))
     assert not hit and (entry / "a.bin").read_bytes() == b"y" * 10
+
+
+def test_runner_output_has_the_unets_out_channels():
+    from export.onnx_export import UNetSignature
+
+    sig = UNetSignature.of(type("C", (), dict(in_channels=9, out_channels=4, cross_attention_dim=32,
+                                              block_out_channels=(32, 64), addition_embed_type=None))())
+    assert tuple(sig.output_like(torch.zeros(2, 9, 8, 6)).shape) == (2, 4, 8, 6)
