@@ -113,6 +113,32 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * u)))
 
 
+def fit(modules, batch_loss, config, log, log_every: int) -> dict:
+    """AdamW + warm-up/cosine lr + grad clip + EMA over config.steps; EMA weights copied in."""
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
+    ema = EMA(modules, config.ema_decay)
+    losses, start = [], time.perf_counter()
+    for step in range(config.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, config)
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update()
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == config.steps:
+            recent = losses[-log_every:]
+            log(f"step {step + 1}/{config.steps} loss {sum(recent) / len(recent):.4f} "
+                f"{time.perf_counter() - start:.0f}s")
+    ema.copy_to(modules)
+    tail = losses[-max(len(losses) // 10, 1):]
+    return {"wall_time_s": round(time.perf_counter() - start, 1), "final_loss": losses[-1],
+            "avg_loss_last_10pct": sum(tail) / len(tail), "avg_loss": sum(losses) / len(losses)}
+
+
 def train(config: TrainConfig, log=print, init_from=None):
     """Train (from init_from's weights if given); returns (encoder, unet) with EMA weights, stats."""
     torch.set_num_threads(config.threads)
@@ -120,34 +146,17 @@ def train(config: TrainConfig, log=print, init_from=None):
     if init_from is not None:
         encoder.load_state_dict(load_text_encoder(init_from).state_dict())
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(pathlib.Path(init_from) / "unet").state_dict())
-    modules = (encoder, unet)
-    params = [p for m in modules for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
-    ema = EMA(modules, config.ema_decay)
     sampler_config = VARIANTS[config.variant]
     abar = sampler_config.train_abar().float()
     data_g = torch.Generator().manual_seed(config.seed)  # identical batches for every variant
     noise_g = torch.Generator().manual_seed(config.seed + 1)
-    losses, start = [], time.perf_counter()
-    for step in range(config.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, config)
+
+    def batch_loss():
         x0, captions = scenes.sample_batch(config.batch_size, data_g, config.image_size)
-        loss = diffusion_loss(encoder, unet, x0, captions, abar, sampler_config.prediction_type,
+        return diffusion_loss(encoder, unet, x0, captions, abar, sampler_config.prediction_type,
                               noise_g, config.caption_dropout)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update()
-        losses.append(loss.item())
-        if (step + 1) % 100 == 0 or step + 1 == config.steps:
-            log(f"step {step + 1}/{config.steps} loss {sum(losses[-100:]) / len(losses[-100:]):.4f} "
-                f"{time.perf_counter() - start:.0f}s")
-    ema.copy_to(modules)
-    tail = losses[-max(len(losses) // 10, 1):]
-    stats = {"wall_time_s": round(time.perf_counter() - start, 1), "final_loss": losses[-1],
-             "avg_loss_last_10pct": sum(tail) / len(tail), "avg_loss": sum(losses) / len(losses)}
+
+    stats = fit((encoder, unet), batch_loss, config, log, log_every=100)
     return encoder.eval(), unet.eval(), stats
 
 

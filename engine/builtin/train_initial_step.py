@@ -10,16 +10,16 @@ import argparse
 import json
 import pathlib
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 from diffusers import UNet2DConditionModel
 
+from ..errors import InvalidInputError
 from . import WEIGHTS_DIR, model_dir, scenes
 from .models import InitialStepPredictor, initial_step_config
 from .text import load_text_encoder
-from .train import EMA, lr_at
+from .train import fit
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,10 @@ class InitialStepConfig:
     ema_decay: float = 0.99
     threads: int = 1
     tiny: bool = False
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise InvalidInputError(f"steps={self.steps}, batch_size={self.batch_size}; expected >= 1")
 
 
 def initial_step_loss(predictor, encoder, x0: torch.Tensor, captions: list[str],
@@ -55,29 +59,14 @@ def train(config: InitialStepConfig, encoder, log=print):
     encoder.eval().requires_grad_(False)
     predictor = InitialStepPredictor(UNet2DConditionModel(**initial_step_config(encoder.dim, config.tiny)))
     size = predictor.unet.config.sample_size
-    opt = torch.optim.AdamW(predictor.parameters(), lr=config.lr, weight_decay=0.01)
-    ema = EMA((predictor,), config.ema_decay)
     data_g = torch.Generator().manual_seed(config.seed)
     noise_g = torch.Generator().manual_seed(config.seed + 1)
-    losses, start = [], time.perf_counter()
-    for step in range(config.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, config)
+
+    def batch_loss():
         x0, captions = scenes.sample_batch(config.batch_size, data_g, size)
-        loss = initial_step_loss(predictor, encoder, x0, captions, noise_g, config.caption_dropout)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(predictor.parameters(), 1.0)
-        opt.step()
-        ema.update()
-        losses.append(loss.item())
-        if (step + 1) % 50 == 0 or step + 1 == config.steps:
-            log(f"step {step + 1}/{config.steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
-                f"{time.perf_counter() - start:.0f}s")
-    ema.copy_to((predictor,))
-    tail = losses[-max(len(losses) // 10, 1):]
-    stats = {"wall_time_s": round(time.perf_counter() - start, 1), "final_loss": losses[-1],
-             "avg_loss_last_10pct": sum(tail) / len(tail), "avg_loss": sum(losses) / len(losses)}
+        return initial_step_loss(predictor, encoder, x0, captions, noise_g, config.caption_dropout)
+
+    stats = fit((predictor,), batch_loss, config, log, log_every=50)
     return predictor.eval(), stats
 
 
