@@ -31,10 +31,9 @@ MAX_LENGTH = 10  # BOS + the longest caption (8 words) + slack
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """One training run; defaults are the shipped models'."""
+class RunConfig:
+    """What every training run of `fit` shares; defaults are the shipped models'."""
 
-    variant: str = "default"
     steps: int = 800
     batch_size: int = 32
     lr: float = 1e-3
@@ -43,14 +42,24 @@ class TrainConfig:
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
     threads: int = 1  # on the shared 2-core machine 2 threads ran 2.3x slower than 1
-    text_dim: int = 64
     tiny: bool = False  # a toy-sized model and 8x8 images, for tests
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise InvalidInputError(f"variant={self.variant!r}; expected one of {sorted(VARIANTS)}")
         if self.steps < 1 or self.batch_size < 1:
             raise InvalidInputError(f"steps={self.steps}, batch_size={self.batch_size}; expected >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig(RunConfig):
+    """One training run of a text encoder + UNet variant."""
+
+    variant: str = "default"
+    text_dim: int = 64
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.variant not in VARIANTS:
+            raise InvalidInputError(f"variant={self.variant!r}; expected one of {sorted(VARIANTS)}")
 
     @property
     def image_size(self) -> int:
@@ -67,6 +76,12 @@ def build_models(config: TrainConfig) -> tuple[LumenTextEncoder, UNet2DCondition
     return encoder, unet
 
 
+def drop_captions(captions: list[str], g: torch.Generator, p: float) -> list[str]:
+    """Each caption replaced by "" (the unconditional prompt) with probability p, for CFG."""
+    drop = torch.rand(len(captions), generator=g) < p
+    return ["" if d else c for c, d in zip(captions, drop.tolist())]
+
+
 def diffusion_loss(encoder, unet, x0: torch.Tensor, captions: list[str], abar: torch.Tensor,
                    prediction_type: str, g: torch.Generator, caption_dropout: float) -> torch.Tensor:
     """MSE of the model output against v = a*eps - s*x0 (or eps), t uniform in [0, T-1].
@@ -74,13 +89,15 @@ def diffusion_loss(encoder, unet, x0: torch.Tensor, captions: list[str], abar: t
     x0: [B, 3, H, W]; abar: [T] float32; captions are replaced by "" with prob caption_dropout.
     """
     B = x0.shape[0]
-    drop = torch.rand(B, generator=g) < caption_dropout
-    captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    captions = drop_captions(captions, g, caption_dropout)
     t = torch.randint(0, abar.shape[0], (B,), generator=g)
     eps = torch.randn(x0.shape, generator=g)
     a, s = abar[t].sqrt().view(B, 1, 1, 1), (1 - abar[t]).sqrt().view(B, 1, 1, 1)
     x_t = a * x0 + s * eps
-    target = a * eps - s * x0 if prediction_type == "v_prediction" else eps
+    targets = {"v_prediction": lambda: a * eps - s * x0, "epsilon": lambda: eps}
+    if prediction_type not in targets:
+        raise InvalidInputError(f"prediction_type={prediction_type!r}; expected one of {sorted(targets)}")
+    target = targets[prediction_type]()
     out = unet(x_t, t, encoder_hidden_states=encoder.encode(captions)).sample
     return torch.nn.functional.mse_loss(out, target)
 

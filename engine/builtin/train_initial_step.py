@@ -15,37 +15,25 @@ from dataclasses import asdict, dataclass
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..errors import InvalidInputError
 from . import WEIGHTS_DIR, model_dir, scenes
 from .models import InitialStepPredictor, initial_step_config
 from .text import load_text_encoder
-from .train import fit
+from .train import RunConfig, drop_captions, fit
 
 
 @dataclass(frozen=True)
-class InitialStepConfig:
-    """One training run of the x0-predictor; field names match TrainConfig where shared."""
+class InitialStepConfig(RunConfig):
+    """One training run of the x0-predictor (the shipped one's defaults)."""
 
     steps: int = 700
-    batch_size: int = 32
-    lr: float = 1e-3
     warmup: int = 50
-    seed: int = 0
-    caption_dropout: float = 0.1
     ema_decay: float = 0.99
-    threads: int = 1
-    tiny: bool = False
-
-    def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1:
-            raise InvalidInputError(f"steps={self.steps}, batch_size={self.batch_size}; expected >= 1")
 
 
 def initial_step_loss(predictor, encoder, x0: torch.Tensor, captions: list[str],
                       g: torch.Generator, caption_dropout: float) -> torch.Tensor:
     """MSE(f(x_T, text), x0) with x_T ~ N(0, I) independent of x0."""
-    drop = torch.rand(len(captions), generator=g) < caption_dropout
-    captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    captions = drop_captions(captions, g, caption_dropout)
     with torch.no_grad():
         text = encoder.encode(captions)
     x_T = torch.randn(x0.shape, generator=g)
