@@ -70,15 +70,6 @@ BAD_VALUES = [
 ]
 
 
-@pytest.mark.parametrize("change,message", BAD_VALUES, ids=[m for _, m in BAD_VALUES])
-def test_bad_value_raises_value_error_before_any_model_call(eng, good, change, message):
-    calls = eng.runner.calls
-    with pytest.raises(ValueError, match=message) as info:
-        eng.run(**{**good, **change})
-    assert isinstance(info.value, InvalidInputError)
-    assert eng.runner.calls == calls
-
-
 BAD_TYPES = [
     (dict(num_inference_steps=2.5), "num_inference_steps=2.5 of type float"),
     (dict(num_inference_steps=True), "num_inference_steps=True of type bool"),
@@ -90,12 +81,17 @@ BAD_TYPES = [
 ]
 
 
-@pytest.mark.parametrize("change,message", BAD_TYPES, ids=[m for _, m in BAD_TYPES])
-def test_bad_type_raises_type_error_before_any_model_call(eng, good, change, message):
+# Values -> ValueError (InvalidInputError); types -> TypeError (InvalidTypeError).
+BAD_INPUTS = ([(c, m, ValueError, InvalidInputError) for c, m in BAD_VALUES]
+              + [(c, m, TypeError, InvalidTypeError) for c, m in BAD_TYPES])
+
+
+@pytest.mark.parametrize("change,message,builtin,lumen", BAD_INPUTS, ids=[m for _, m, _, _ in BAD_INPUTS])
+def test_bad_input_raises_before_any_model_call(eng, good, change, message, builtin, lumen):
     calls = eng.runner.calls
-    with pytest.raises(TypeError, match=message) as info:
+    with pytest.raises(builtin, match=message) as info:
         eng.run(**{**good, **change})
-    assert isinstance(info.value, InvalidTypeError)
+    assert isinstance(info.value, lumen)
     assert eng.runner.calls == calls
 
 
