@@ -50,10 +50,15 @@ SETUPS = (
 )
 
 
-def generate_brightness(setup: Setup, prompt: str, n: int, steps: int, guidance: float) -> torch.Tensor:
-    """Per-image mean brightness [n] in [0, 1] of n seeds (image i uses seed i)."""
+def build_setup(setup: Setup) -> engine.Engine:
+    """The engine of one row (built once, run for every prompt)."""
     initial = WEIGHTS_DIR / "initial_step" if setup.initial_step else None
-    eng = engine.build(setup.model, scheduler=setup.scheduler, initial_step=initial, device="cpu")
+    return engine.build(setup.model, scheduler=setup.scheduler, initial_step=initial, device="cpu")
+
+
+def generate_brightness(eng: engine.Engine, setup: Setup, prompt: str, n: int, steps: int,
+                        guidance: float) -> torch.Tensor:
+    """Per-image mean brightness [n] in [0, 1] of n seeds (image i uses seed i)."""
     images = eng.run(prompt=prompt, num_images_per_prompt=n, num_inference_steps=steps,
                      guidance_scale=guidance, guidance_rescale=setup.guidance_rescale,
                      generator=[torch.Generator().manual_seed(i) for i in range(n)], output_type="pt").images
@@ -69,12 +74,13 @@ def bin_fractions(values: torch.Tensor) -> dict:
 
 def run_study(n: int, steps: int, guidance: float) -> dict:
     """{prompt group: {row name: {"values": [...], bins..., "mean": ...}}}."""
+    engines = {setup: build_setup(setup) for setup in SETUPS}
     results = {}
     for group, prompt in PROMPTS.items():
         rows = {"training data": caption_brightness(prompt, n=max(n, 1000))}
-        for setup in SETUPS:
+        for setup, eng in engines.items():
             start = time.perf_counter()
-            rows[setup.name] = generate_brightness(setup, prompt, n, steps, guidance)
+            rows[setup.name] = generate_brightness(eng, setup, prompt, n, steps, guidance)
             print(f"  {prompt!r}, {setup.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
         results[group] = {name: {"values": v.tolist(), "mean": float(v.mean()), **bin_fractions(v)}
                           for name, v in rows.items()}
