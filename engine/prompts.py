@@ -20,8 +20,8 @@ def embed_prompts(components: Components, prompt, negative_prompt, prompt_embeds
         check_embeddings("prompt_embeds", prompt_embeds, width)
         pos = prompt_embeds
     neg = _negative(components, negative_prompt, negative_prompt_embeds, pos, width) if cfg else None
-    repeat = (lambda e: e.repeat_interleave(num_images_per_prompt, dim=0))  # noqa: E731
-    return repeat(pos), (repeat(neg) if neg is not None else None)
+    pos = pos.repeat_interleave(num_images_per_prompt, dim=0)  # [p0, p0, p1, p1], as diffusers
+    return pos, (neg.repeat_interleave(num_images_per_prompt, dim=0) if neg is not None else None)
 
 
 def _negative(components, negative_prompt, negative_prompt_embeds, pos, width):
