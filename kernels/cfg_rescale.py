@@ -1,8 +1,8 @@
 """Classifier-free guidance with per-sample std rescale (Lin et al. Algorithm 2, SPEC section 6).
 
-Two launches: `_cfg_stats_kernel` reduces each chunk of each sample to (mean, M2) of pos and of
-cfg; `_cfg_rescale_kernel` merges a sample's chunks into sd_pos/sd_cfg and writes the guided
-output (guided_step.py fuses this second pass with the sampler update). No E[x^2] - E[x]^2 in
+Two launches: `_cfg_stats_kernel` (here) reduces each chunk of each sample to (mean, M2) of pos
+and of cfg; guided_step.py's kernel merges a sample's chunks into sd_pos/sd_cfg with
+`rescale_ratio` and applies `guided_tile`, fused with the prediction conversion and update. No E[x^2] - E[x]^2 in
 fp32: values are shifted by the sample's first element, each tile's M2 is taken about the tile
 mean (corrected two-pass), and tiles and chunks merge with Chan et al.'s update; the test
 test_rescale_std_survives_a_large_mean pins this. w and phi are read from device memory, never
@@ -10,11 +10,9 @@ on the host.
 """
 import torch
 
-from engine.errors import InvalidInputError
 from engine.guidance import guide
 
-from ._common import (BLOCK, MODEL_DTYPES, Walk, check_launchable, check_scalars, check_tensor,
-                      tile_offsets, tile_sum)
+from ._common import BLOCK, Walk, tile_offsets, tile_sum
 from ._triton import tl, triton
 
 # ---------------------------------------------------------------------------------------------
@@ -120,32 +118,6 @@ def _cfg_stats_kernel(
     tl.store(row + 3, m2_cfg)
 
 
-@triton.jit
-def _cfg_rescale_kernel(
-    m_ptr,  # [2B, C, H, W] model output [neg, pos], model dtype
-    out_ptr,  # [B, C, H, W] fp32 out: guided model output
-    stats_ptr,  # [B, P, 4] fp32 from _cfg_stats_kernel
-    w_ptr, phi_ptr,  # 0-dim fp32 guidance scale and rescale
-    B, N, D2, D3,  # batch, elements per sample, walk sizes
-    sm_b, sm_1, sm_2, sm_3,  # m strides in walk order
-    so_b, so_1, so_2, so_3,  # out strides in walk order
-    P,  # chunks per sample (grid dim 1)
-    ITERS: tl.constexpr, BLOCK: tl.constexpr,  # tiles per chunk, elements per tile
-    P_POW2: tl.constexpr,  # P rounded up to a power of two
-    DENSE: tl.constexpr,  # m and out dense in walk order
-):
-    b = tl.program_id(0)
-    p = tl.program_id(1)
-    w, phi = tl.load(w_ptr), tl.load(phi_ptr)
-    ratio = rescale_ratio(stats_ptr, b, P, N, ITERS * BLOCK, P_POW2)
-    for it in range(ITERS):
-        j = (p * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
-        mask = j < N
-        neg, pos = load_pair(m_ptr, b, B, j, mask, sm_b, sm_1, sm_2, sm_3, D2, D3, DENSE)
-        off = tile_offsets(b, j, so_b, so_1, so_2, so_3, D2, D3, DENSE)
-        tl.store(out_ptr + off, guided_tile(neg, pos, w, phi, ratio), mask=mask)
-
-
 # ---------------------------------------------------------------------------------------------
 # Launchers
 
@@ -157,26 +129,6 @@ def cfg_stats(m: torch.Tensor, guidance_scale: torch.Tensor, walk: Walk) -> torc
         m, guidance_scale, stats, walk.batch, walk.n, walk.d2, walk.d3, *walk.strides(m),
         walk.chunks, ITERS=walk.iters, BLOCK=BLOCK, DENSE=walk.dense(m), enable_fp_fusion=False)
     return stats
-
-
-def cfg_rescale(m: torch.Tensor, guidance_scale: torch.Tensor,
-                guidance_rescale: torch.Tensor) -> torch.Tensor:
-    """Guided model output [B, C, H, W] fp32 from m = [neg, pos] ([2B, C, H, W]); 2 launches."""
-    check_tensor("m", m, MODEL_DTYPES)
-    if m.ndim != 4 or m.shape[0] % 2 or m.numel() == 0:
-        raise InvalidInputError(f"m.shape={tuple(m.shape)}; expected non-empty [2B, C, H, W]")
-    check_launchable(m)
-    check_scalars(m, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
-    B = m.shape[0] // 2
-    walk = Walk(m[B:])
-    stats = cfg_stats(m, guidance_scale, walk)
-    out = walk.empty(m[B:])
-    _cfg_rescale_kernel[walk.grid](
-        m, out, stats, guidance_scale, guidance_rescale, B, walk.n, walk.d2, walk.d3,
-        *walk.strides(m), *walk.strides(out), walk.chunks, ITERS=walk.iters, BLOCK=BLOCK,
-        P_POW2=walk.chunks_pow2, DENSE=walk.dense(m, out),
-        enable_fp_fusion=False)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from engine.errors import InvalidInputError, InvalidTypeError  # noqa: E402
 from engine.guidance import guide  # noqa: E402
 from engine.samplers import plan_ddim, step_schedule  # noqa: E402
 from kernels import _common  # noqa: E402
-from kernels.cfg_rescale import cfg_rescale, cfg_rescale_reference  # noqa: E402
+from kernels.cfg_rescale import cfg_rescale_reference  # noqa: E402
 from kernels.sampler_update import (ddim_update, ddim_update_reference, x0_eps,  # noqa: E402
                                     x0_eps_reference)
 
@@ -65,6 +65,12 @@ def step_inputs(shape, dtype, cfg, seed=0):
 def step_scalars(plan, i, w=7.5, phi=0.7):
     return dict(a_t=plan.a[i], s_t=plan.s[i], coef_i=plan.coef[i], guidance_scale=scalar(w),
                 guidance_rescale=scalar(phi))
+
+
+def cfg_rescale(m, w, phi):
+    """The guided model output through the production kernel: for "sample", x0 is the guided m."""
+    x = torch.zeros(m[m.shape[0] // 2:].shape, dtype=torch.float32, device=m.device)
+    return kernels.guided_x0_eps_triton(m, x, scalar(0.0), scalar(1.0), w, phi, "sample", True)[0]
 
 
 def run_both(fn, ref, *args, **kwargs):
