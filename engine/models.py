@@ -128,10 +128,10 @@ def _folder_vae(path: Path):
 
 def _from_pipeline(pipe) -> Components:
     text_encoder = None
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise InvalidInputError(f"{type(pipe).__name__} has two text encoders (SDXL-style); "
-                                "pass its UNet with prompt_embeds instead")
-    if getattr(pipe, "tokenizer", None) is not None and getattr(pipe, "text_encoder", None) is not None:
+    # SDXL-style pipelines (two text encoders) run from prompt_embeds + pooled_prompt_embeds.
+    two_encoders = getattr(pipe, "text_encoder_2", None) is not None
+    if (not two_encoders and getattr(pipe, "tokenizer", None) is not None
+            and getattr(pipe, "text_encoder", None) is not None):
         text_encoder = ClipPromptEncoder(pipe.tokenizer, pipe.text_encoder)
     scheduler = getattr(pipe, "scheduler", None)
     config = dict(scheduler.config, _class_name=type(scheduler).__name__) if scheduler else None
@@ -140,9 +140,9 @@ def _from_pipeline(pipe) -> Components:
 
 def _checked(components: Components) -> Components:
     config = components.unet.config
-    if getattr(config, "addition_embed_type", None) is not None:
-        raise InvalidInputError(f"UNet addition_embed_type={config.addition_embed_type!r} (SDXL-style "
-                                "added conditioning) is not supported by the runtime yet; expected None")
+    if getattr(config, "addition_embed_type", None) not in (None, "text_time"):
+        raise InvalidInputError(f"UNet addition_embed_type={config.addition_embed_type!r} is not "
+                                "supported; expected None or 'text_time' (SDXL)")
     return components
 
 

@@ -8,9 +8,10 @@ import kernels
 from . import samplers
 from .config import SamplerConfig
 from .errors import BackendUnavailableError, InvalidInputError, InvalidTypeError
+from .graphs import GraphCache, GraphKey, resolve_mode
 from .models import Components, load_components
 from .output import OUTPUT_TYPES, decode
-from .prompts import embed_prompts
+from .prompts import added_conditioning, embed_prompts
 from .validation import check_choice, check_int, check_latents, check_real
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -18,7 +19,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None,
-          initial_step=None, backend_options: dict | None = None) -> "Engine":
+          initial_step=None, backend_options: dict | None = None, cuda_graph="auto",
+          graph_cache_size: int = 8) -> "Engine":
     """An Engine for `model` (UNet, pipeline, local folder or built-in name), ready to run.
 
     scheduler=None reads how the model was trained (betas, T, prediction type, zero terminal
@@ -26,8 +28,11 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
     diffusers scheduler, its config dict or a SamplerConfig is taken as given.
     initial_step: a SingDiffusion x0-predictor (module(x_T, embeddings) -> x0, or its folder)
     that replaces the model at the pure-noise end (SPEC section 8).
-    backend_options: keyword arguments of export.load_runner for the onnxruntime and tensorrt
-    backends (cache_dir, min_shape/opt_shape/max_shape as latent (batch, h, w), exporter, provider).
+    backend_options: for torch, {"compile": True or a torch.compile mode}; for onnxruntime and
+    tensorrt, keyword arguments of export.load_runner (cache_dir, min_shape/opt_shape/max_shape
+    as latent (batch, h, w), exporter, provider).
+    cuda_graph: "auto" (on with CUDA and the torch or tensorrt backend), True or False; each
+    request shape is captured once and replayed (engine.graphs), up to graph_cache_size shapes.
     """
     check_choice("backend", backend, BACKENDS)
     device = torch.device(device if device is not None else
@@ -36,14 +41,38 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise InvalidTypeError(f"dtype={dtype}; expected one of {', '.join(map(str, DTYPES))}")
+    use_graphs = resolve_mode(cuda_graph, device, backend)
+    cache = GraphCache(graph_cache_size)
     if backend == "tensorrt":
         from export.trt_backend import check_available
 
         check_available(device)  # before loading any weights
+    options = dict(backend_options or {})
+    compile_mode = torch_compile_mode(options.pop("compile", False)) if backend == "torch" else None
     components = load_components(model, initial_step).to(device, dtype)
     config = sampler_config(scheduler, components.scheduler_config)
-    runner = unet_runner(components.unet, backend, device, dtype, backend_options or {})
-    return Engine(components, config, runner, device, dtype)
+    runner = unet_runner(components.unet, backend, device, dtype, options, compile_mode)
+    return Engine(components, config, runner, device, dtype, backend, use_graphs, cache)
+
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def torch_compile_mode(value) -> str | None:
+    """backend_options["compile"]: False/None (eager), True (= "default") or a mode name."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "default"
+    if value in ("reduce-overhead", "max-autotune"):
+        raise InvalidInputError(f"compile={value!r} makes torch.compile capture CUDA graphs of "
+                                "its own, which cannot nest inside Lumen's whole-loop graph; "
+                                f"expected one of {', '.join(COMPILE_MODES)} (with cuda_graph "
+                                "for the graph)")
+    if value not in COMPILE_MODES:
+        raise InvalidInputError(f"compile={value!r}; expected True, False or one of "
+                                f"{', '.join(COMPILE_MODES)}")
+    return value
 
 
 def sampler_config(scheduler, model_config: dict | None) -> SamplerConfig:
@@ -57,12 +86,13 @@ def sampler_config(scheduler, model_config: dict | None) -> SamplerConfig:
     return SamplerConfig()  # a bare UNet: assume Lin et al.'s setup (zero SNR, v-prediction)
 
 
-def unet_runner(unet, backend: str, device, dtype, options: dict):
-    """runner(sample, timestep, encoder_hidden_states) -> UNet output, on the chosen backend."""
+def unet_runner(unet, backend: str, device, dtype, options: dict, compile_mode: str | None = None):
+    """runner(sample, timestep, encoder_hidden_states, **added) -> UNet output on the backend."""
     if backend == "torch":
         if options:
-            raise InvalidInputError(f"backend_options={options!r} with backend='torch'; expected none")
-        return lambda x, t, emb: unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+            raise InvalidInputError(f"backend_options={options!r} with backend='torch'; expected "
+                                    "none but 'compile'")
+        return TorchRunner(unet, compile_mode)
     try:
         from export import load_runner
     except ImportError as err:
@@ -71,20 +101,45 @@ def unet_runner(unet, backend: str, device, dtype, options: dict):
     return load_runner(unet, backend, device=device, dtype=dtype, **options)
 
 
-class Engine:
-    """A loaded model plus its sampler configuration; `run` is safe to call repeatedly."""
+class TorchRunner:
+    """The UNet module in PyTorch, optionally through torch.compile (compiled on first call)."""
 
-    def __init__(self, components: Components, config: SamplerConfig, runner, device, dtype):
+    def __init__(self, unet: torch.nn.Module, compile_mode: str | None = None):
+        self.unet, self.compile_mode = unet, compile_mode
+        self.module = unet
+        if compile_mode is not None:
+            mode = None if compile_mode == "default" else compile_mode
+            self.module = torch.compile(unet, mode=mode, fullgraph=True, dynamic=False)
+
+    def __call__(self, x, t, emb, **added):
+        # added: SDXL's text_embeds and time_ids; None keeps plain UNets' call unchanged.
+        return self.module(x, t, encoder_hidden_states=emb, added_cond_kwargs=added or None,
+                           return_dict=False)[0]
+
+
+class Engine:
+    """A loaded model plus its sampler configuration; `run` is safe to call repeatedly.
+
+    With cuda_graph on, `graphs` holds the captured loops (keys, capture/replay counts, LRU).
+    """
+
+    def __init__(self, components: Components, config: SamplerConfig, runner, device, dtype,
+                 backend: str = "torch", cuda_graph: bool = False, graphs: GraphCache | None = None):
         self.components, self.config, self.runner = components, config, runner
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.backend = device, dtype, backend
+        self.cuda_graph = cuda_graph
+        self.graphs = graphs if graphs is not None else GraphCache()
 
     def run(self, prompt=None, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
             num_inference_steps: int = 25, guidance_scale: float = 7.5, guidance_rescale: float = 0.7,
             eta: float = 0.0, generator=None, latents=None, height=None, width=None,
-            num_images_per_prompt: int = 1, output_type: str = "pil", callback=None):
+            num_images_per_prompt: int = 1, output_type: str = "pil", callback=None,
+            pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None):
         """Generate images; the result has `.images` as in diffusers pipelines.
 
-        callback(i), if given, is called on the host after step i (it must not sync the device).
+        callback(i), if given, is called on the host after step i (it must not sync the device);
+        with a CUDA graph the loop is one replay, so the calls come after it, in order.
+        pooled_prompt_embeds [P, D] (and the negative, default zeros): SDXL-style UNets only.
         """
         self._check_scalars(num_inference_steps, guidance_scale, guidance_rescale, eta,
                             num_images_per_prompt, output_type)
@@ -92,32 +147,62 @@ class Engine:
         pos, neg = embed_prompts(self.components, prompt, negative_prompt, prompt_embeds,
                                  negative_prompt_embeds, num_images_per_prompt, cfg)
         shape = self._latent_shape(pos.shape[0], height, width)
+        f = self.components.vae_scale_factor
+        added = added_conditioning(self.components.unet.config, pooled_prompt_embeds,
+                                   negative_pooled_prompt_embeds,
+                                   pos.shape[0] // num_images_per_prompt, num_images_per_prompt,
+                                   cfg, (shape[2] * f, shape[3] * f))
         plan = samplers.make_plan(self.config, num_inference_steps, eta)
         x_T, noise = draw_noise(generator, shape, plan, self.device, latents)
         pos = pos.to(self.device, self.dtype)
         emb = torch.cat([neg.to(self.device, self.dtype), pos]) if cfg else pos  # [negative, positive]
+        added = {k: v.to(self.device, self.dtype) for k, v in added.items()}
         scalars = torch.tensor([guidance_scale, guidance_rescale], dtype=torch.float32).to(self.device)
-        x0 = self.sample(emb, x_T, noise, plan.to(self.device),
-                         scalars[0], scalars[1], cfg, callback)
+        x0 = self.sample(emb, x_T, noise, plan.to(self.device), scalars[0], scalars[1], cfg,
+                         callback, added)
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
         return ImagePipelineOutput(images=decode(x0, self.components, output_type))
 
-    @torch.inference_mode()
     def sample(self, emb, x_T, noise, dp: samplers.DevicePlan, w: torch.Tensor, phi: torch.Tensor,
-               cfg: bool, callback=None) -> torch.Tensor:
+               cfg: bool, callback=None, added: dict | None = None) -> torch.Tensor:
+        """x0 [N, C, h, w] fp32 from `loop`, replayed from a captured graph when cuda_graph is on."""
+        added = added or {}
+        if not self.cuda_graph:
+            return self.loop(emb, x_T, noise, dp, w, phi, added, cfg, callback)
+        x0 = self.graphs.run(self.graph_key(emb, x_T, dp, cfg), self._graph_loop(cfg),
+                             emb, x_T, noise, dp, w, phi, added)
+        for i in range(dp.plan.num_steps):
+            samplers.notify(callback, i)
+        return x0
+
+    def graph_key(self, emb, x_T, dp: samplers.DevicePlan, cfg: bool) -> GraphKey:
+        """The capture key of a request: shapes and loop structure, never values."""
+        n, _, h, w = x_T.shape
+        return GraphKey(n, h, w, emb.shape[1], dp.plan.num_steps, dp.plan.sampler,
+                        str(self.dtype).removeprefix("torch."), self.backend, cfg, dp.plan.corrector)
+
+    def _graph_loop(self, cfg: bool):
+        def loop(emb, x_T, noise, dp, w, phi, added):
+            return self.loop(emb, x_T, noise, dp, w, phi, added, cfg)
+        return loop
+
+    @torch.inference_mode()
+    def loop(self, emb, x_T, noise, dp: samplers.DevicePlan, w: torch.Tensor, phi: torch.Tensor,
+             added: dict, cfg: bool, callback=None) -> torch.Tensor:
         """The sampling loop from x_T to x0 (fp32); every input is already on the device.
 
         emb: [2N or N, L, D] ([negative, positive] when cfg); x_T: [N, C, h, w];
-        noise: [N, S, C, h, w]; w, phi: 0-dim fp32. With the torch and TensorRT backends no host
-        sync and no host-to-device copy happen inside, so a CUDA graph can capture the call whole
-        (onnxruntime runs on its own stream and syncs once per UNet call).
+        noise: [N, S, C, h, w]; w, phi: 0-dim fp32; added: SDXL's text_embeds and time_ids,
+        [2N or N, ...]. With the torch and TensorRT backends no host sync and no host-to-device
+        copy happen inside, so a CUDA graph captures the call whole (onnxruntime runs on its
+        own stream and syncs once per UNet call).
         """
         prediction_type, runner, dtype = self.config.prediction_type, self.runner, self.dtype
 
         def model_output(x, k):  # x: [N, C, h, w] fp32 -> m: [2N or N, C, h, w], model dtype
             x_in = x.to(dtype)
-            return runner(torch.cat([x_in, x_in]) if cfg else x_in, dp.timesteps[k], emb)
+            return runner(torch.cat([x_in, x_in]) if cfg else x_in, dp.timesteps[k], emb, **added)
 
         def denoise(x, k):  # -> (x0, eps) fp32: CFG + rescale + conversion, fused on CUDA
             return kernels.guided_x0_eps(model_output(x, k), x, dp.a[k], dp.s[k], w, phi,

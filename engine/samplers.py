@@ -102,7 +102,7 @@ def sample_ddim(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor,
             x = step(x, i, noise[:, i])
         else:
             x = ddim_update(*denoise(x, i), noise[:, i], plan.coef[i])
-        _notify(callback, i)
+        notify(callback, i)
     return x
 
 
@@ -133,7 +133,7 @@ def sample_dpmpp_2m(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Ten
         x0_prev = x0 if x0_prev is None else x0_prev  # weight 0 on the first step
         x = c[i, 0] * x + c[i, 1] * x0 + c[i, 2] * x0_prev
         x0_prev = x0
-        _notify(callback, i)
+        notify(callback, i)
     return x
 
 
@@ -188,7 +188,7 @@ def sample_edm(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor,
             x_next = c[i, 4] * x + c[i, 5] * (eps + eps_next)
             k += 1
         x = x_next
-        _notify(callback, i)
+        notify(callback, i)
     return x
 
 
@@ -216,6 +216,6 @@ def sample(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor,
     return SAMPLE_FNS[plan.plan.sampler](denoise, x, plan, noise, callback)
 
 
-def _notify(callback, i: int) -> None:
+def notify(callback, i: int) -> None:
     if callback is not None:
         callback(i)

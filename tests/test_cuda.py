@@ -4,35 +4,67 @@ import torch
 
 import engine
 from engine import SamplerConfig
-from engine.samplers import make_plan
+from engine.graphs import GraphCache
 
 from conftest import make_tiny_unet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def request(seed, steps=10, **kw):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(1, 7, 32, generator=g)
+    return dict(prompt_embeds=emb, negative_prompt_embeds=torch.randn(1, 7, 32, generator=g),
+                num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                output_type="latent", **kw)
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "heun", "dpmpp_2m"])
-def test_whole_loop_cuda_graph_replay_equals_eager(sampler):
-    eng = engine.build(make_tiny_unet(), scheduler=SamplerConfig(sampler=sampler), device="cuda",
-                       dtype=torch.float32)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    emb = torch.randn(2, 7, 32, device="cuda", generator=g)
-    x_T = torch.randn(1, 4, 8, 8, device="cuda", generator=g)
-    noise = torch.randn(1, 10, 4, 8, 8, device="cuda", generator=g)
-    dp = make_plan(eng.config, 10, eta=1.0 if sampler == "ddim" else 0.0).to("cuda")
-    w, phi = torch.tensor(7.5, device="cuda"), torch.tensor(0.7, device="cuda")
-    eager = eng.sample(emb, x_T, noise, dp, w, phi, cfg=True)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        eng.sample(emb, x_T, noise, dp, w, phi, cfg=True)  # warm-up outside capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = eng.sample(emb, x_T, noise, dp, w, phi, cfg=True)
-    graph.replay()
-    torch.cuda.synchronize()
-    torch.testing.assert_close(captured, eager, rtol=1e-5, atol=1e-5)
-    w.fill_(3.0)  # a new guidance value needs no recapture
-    graph.replay()
-    torch.testing.assert_close(captured, eng.sample(emb, x_T, noise, dp, w, phi, cfg=True), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_whole_loop_cuda_graph_replay_equals_eager(sampler, dtype):
+    """Same seed, same output: fp32 to 1e-5 (kernel choice may differ inside cuBLAS), fp16 to 1e-3."""
+    unet = make_tiny_unet()
+    graphed = engine.build(unet, scheduler=SamplerConfig(sampler=sampler), device="cuda",
+                           dtype=dtype, cuda_graph=True)
+    eager = engine.Engine(graphed.components, graphed.config, graphed.runner, graphed.device,
+                          dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-3
+    eta = 1.0 if sampler == "ddim" else 0.0
+    for seed, w, phi in ((0, 7.5, 0.7), (1, 3.0, 0.0), (2, 12.0, 1.0)):
+        args = request(seed, guidance_scale=w, guidance_rescale=phi, eta=eta)
+        torch.testing.assert_close(graphed.run(**args).images, eager.run(**args).images,
+                                   rtol=tol, atol=tol)
+    assert graphed.graphs.captures == 1 and graphed.graphs.replays == 3
+
+
+def test_graphs_share_one_pool_and_replay_in_any_order():
+    eng = engine.build(make_tiny_unet(), device="cuda", dtype=torch.float32, cuda_graph=True)
+    eager = engine.Engine(eng.components, eng.config, eng.runner, eng.device, eng.dtype)
+    for steps in (4, 6, 4, 8, 6):
+        args = request(steps, steps=steps)
+        torch.testing.assert_close(eng.run(**args).images, eager.run(**args).images,
+                                   rtol=1e-5, atol=1e-5)
+    assert eng.graphs.captures == 3 and eng.graphs.replays == 5
+
+
+def test_lru_eviction_frees_graphs_and_recaptures():
+    eng = engine.build(make_tiny_unet(), device="cuda", dtype=torch.float32, cuda_graph=True,
+                       graph_cache_size=1)
+    for steps in (3, 4, 3):
+        eng.run(**request(0, steps=steps))
+    assert eng.graphs.captures == 3 and eng.graphs.evictions == 2 and len(eng.graphs) == 1
+
+
+def test_compiled_unet_is_captured_inside_the_loop_graph():
+    unet = make_tiny_unet()
+    graphed = engine.build(unet, device="cuda", dtype=torch.float16, cuda_graph=True,
+                           backend_options={"compile": True})
+    eager = engine.build(make_tiny_unet(), device="cuda", dtype=torch.float16, cuda_graph=False)
+    args = request(0, steps=6)
+    torch.testing.assert_close(graphed.run(**args).images, eager.run(**args).images,
+                               rtol=2e-3, atol=2e-3)
+    assert graphed.graphs.captures == 1 and not next(iter(graphed.graphs.entries.values())).eager
+
+
+def test_graph_cache_uses_cuda_capture_by_default():
+    assert GraphCache().capture.__name__ == "capture_cuda"

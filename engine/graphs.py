@@ -1,0 +1,194 @@
+"""Whole-loop CUDA graphs: one request is one replay of S x [UNet, fused guided step].
+
+The loop (`Engine.loop`) has no host sync and no host-to-device copy, so it is captured once per
+GraphKey and replayed. Every value a request may change without changing a shape (latents,
+embeddings, SDXL's added conditioning, guidance scale, rescale, the plan's coefficients, eta's
+step noise) lives in a static input buffer that is copied into before each replay; only a new
+shape or loop structure (batch, latent size, sequence length, steps, sampler, CFG on/off) is a
+new key and a new capture.
+
+Graphs share one memory pool. That is safe here because replays are serialised by the cache's
+lock and every replay's output is cloned before the lock is released: no graph's live output can
+sit in memory that another graph's replay reuses.
+"""
+import logging
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .errors import InvalidInputError
+from .samplers import DevicePlan
+
+log = logging.getLogger("lumen")
+GRAPH_MODES = ("auto", True, False)
+
+
+@dataclass(frozen=True)
+class GraphKey:
+    """What fixes a captured loop's shapes and structure; everything else is buffer contents."""
+
+    batch: int  # images per request (the UNet sees 2x this with CFG)
+    height: int  # latent height
+    width: int  # latent width
+    seq_len: int  # text tokens
+    steps: int
+    sampler: str
+    dtype: str
+    backend: str
+    cfg: bool  # guidance_scale != 1: the negative batch is run
+    corrector: tuple[bool, ...] = ()  # Heun's per-step second evaluation (depends on the schedule)
+
+
+@dataclass
+class StaticInputs:
+    """The buffers a captured loop reads; `load` copies one request's values into them."""
+
+    emb: torch.Tensor  # [2N or N, L, D] model dtype
+    x_T: torch.Tensor  # [N, C, h, w] fp32
+    noise: torch.Tensor  # [N, S, C, h, w] fp32 (zeros when the plan draws none)
+    w: torch.Tensor  # 0-dim fp32 guidance scale
+    phi: torch.Tensor  # 0-dim fp32 guidance rescale
+    plan: DevicePlan  # timesteps, a, s, coef, a_start, s_start as device tensors
+    added: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL text_embeds, time_ids
+
+    @classmethod
+    def like(cls, emb, x_T, noise, w, phi, plan: DevicePlan, added) -> "StaticInputs":
+        """Fresh buffers with the request's values (allocated outside any capture)."""
+        def copy(t):
+            return t.detach().clone(memory_format=torch.contiguous_format)
+        fields = {name: copy(getattr(plan, name)) for name in ("timesteps", "a", "s", "coef",
+                                                                "a_start", "s_start")}
+        return cls(copy(emb), copy(x_T), copy(noise), copy(w), copy(phi),
+                   DevicePlan(plan.plan, **fields), {k: copy(v) for k, v in added.items()})
+
+    def load(self, emb, x_T, noise, w, phi, plan: DevicePlan, added) -> None:
+        """Copy one request's values in (device-to-device, on the current stream)."""
+        pairs = [(self.emb, emb), (self.x_T, x_T), (self.noise, noise), (self.w, w),
+                 (self.phi, phi)] + [(getattr(self.plan, n), getattr(plan, n))
+                                     for n in ("timesteps", "a", "s", "coef", "a_start", "s_start")]
+        pairs += [(self.added[k], v) for k, v in added.items()]
+        for static, value in pairs:
+            static.copy_(value)
+
+    def args(self):
+        return self.emb, self.x_T, self.noise, self.plan, self.w, self.phi, self.added
+
+
+@dataclass
+class CapturedLoop:
+    """One captured loop: its static inputs, its output buffer and how to replay it."""
+
+    inputs: StaticInputs
+    output: torch.Tensor  # [N, C, h, w] fp32, overwritten by every replay
+    replay: Callable[[], None]
+    capture_s: float  # warm-up + capture wall time
+    eager: bool = False  # capture failed: `replay` runs the loop eagerly on the static inputs
+
+
+def capture_cuda(loop: Callable[[], torch.Tensor], pool, warmup: int = 1):
+    """(replay, output): warm `loop` up on a side stream, then capture it into one CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):  # lazy init, cuBLAS workspaces, Triton/torch.compile autotuning
+            loop()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = loop()
+    return graph.replay, output
+
+
+class GraphCache:
+    """Captured loops by GraphKey, least recently used evicted beyond `capacity`; one pool."""
+
+    def __init__(self, capacity: int = 8, capture=capture_cuda):
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise InvalidInputError(f"graph_cache_size={capacity!r}; expected an int >= 1")
+        self.capacity, self.capture = capacity, capture
+        self.entries: OrderedDict[GraphKey, CapturedLoop] = OrderedDict()
+        self.captures = self.replays = self.evictions = 0
+        self.lock = threading.Lock()
+        self._pool = None
+
+    def keys(self) -> list[GraphKey]:
+        """Cached keys, least recently used first."""
+        return list(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, key) -> bool:
+        return key in self.entries
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+
+    def run(self, key: GraphKey, loop: Callable[..., torch.Tensor], emb, x_T, noise, plan, w, phi,
+            added) -> torch.Tensor:
+        """loop(emb, x_T, noise, plan, w, phi, added)'s result, from a replay of key's graph."""
+        with self.lock, torch.inference_mode():  # buffers are inference tensors, as the loop's
+            entry = self.entries.get(key)
+            if entry is None:
+                entry = self._capture(key, loop, StaticInputs.like(emb, x_T, noise, w, phi, plan, added))
+            else:
+                self.entries.move_to_end(key)
+                entry.inputs.load(emb, x_T, noise, w, phi, plan, added)
+            entry.replay()
+            self.replays += 1
+            return entry.output.clone()  # the buffer is overwritten by the next replay
+
+    def _capture(self, key: GraphKey, loop, inputs: StaticInputs) -> CapturedLoop:
+        if self._pool is None and self.capture is capture_cuda:
+            self._pool = torch.cuda.graph_pool_handle()
+        start = time.perf_counter()
+        try:
+            replay, output = self.capture(lambda: loop(*inputs.args()), self._pool)
+            eager = False
+        except Exception as err:  # e.g. a backend op that cannot be captured
+            warnings.warn(f"CUDA graph capture failed for {key} ({type(err).__name__}: {err}); "
+                          "this shape runs eagerly, one UNet launch per step", RuntimeWarning,
+                          stacklevel=4)
+            output = loop(*inputs.args())
+
+            def replay():
+                output.copy_(loop(*inputs.args()))
+            eager = True
+        entry = CapturedLoop(inputs, output, replay, time.perf_counter() - start, eager)
+        self.captures += 1
+        self.entries[key] = entry
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+            self.evictions += 1
+        log.info("captured %s in %.2f s%s", key, entry.capture_s, " (eager fallback)" if eager else "")
+        return entry
+
+
+def resolve_mode(cuda_graph, device: torch.device, backend: str) -> bool:
+    """Whether the engine replays captured loops; CPU is a no-op that says so once."""
+    if cuda_graph not in GRAPH_MODES or isinstance(cuda_graph, int) and not isinstance(cuda_graph, bool):
+        raise InvalidInputError(f"cuda_graph={cuda_graph!r}; expected 'auto', True or False")
+    if cuda_graph is False:
+        return False
+    if device.type != "cuda":
+        message = f"cuda_graph={cuda_graph!r} on {device}: CUDA graphs need a CUDA device; running eagerly"
+        if cuda_graph is True:  # asked for explicitly: a warning (Python shows it once)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        else:
+            log.info(message)
+        return False
+    if backend == "onnxruntime":
+        if cuda_graph is True:
+            raise InvalidInputError("cuda_graph=True with backend='onnxruntime': onnxruntime runs "
+                                    "on its own stream and syncs once per call, so the loop cannot "
+                                    "be captured; use backend 'torch' or 'tensorrt', or "
+                                    "cuda_graph=False")
+        return False
+    return True
+
