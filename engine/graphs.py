@@ -130,13 +130,16 @@ class GraphCache:
         with self.lock:
             self.entries.clear()
 
-    def run(self, key: GraphKey, loop: Callable[..., torch.Tensor], emb, x_T, noise, plan, w, phi,
-            added) -> torch.Tensor:
-        """loop(emb, x_T, noise, plan, w, phi, added)'s result, from a replay of key's graph."""
+    def run(self, key: GraphKey, make_loop: Callable[[], Callable[..., torch.Tensor]], emb, x_T,
+            noise, plan, w, phi, added) -> torch.Tensor:
+        """loop(emb, x_T, noise, plan, w, phi, added)'s result, from a replay of key's graph.
+
+        make_loop() gives the loop to capture; it is called only when key is not cached.
+        """
         with self.lock, torch.inference_mode():  # buffers are inference tensors, as the loop's
             entry = self.entries.get(key)
             if entry is None:
-                entry = self._capture(key, loop, StaticInputs.like(emb, x_T, noise, w, phi, plan, added))
+                entry = self._capture(key, make_loop(), StaticInputs.like(emb, x_T, noise, w, phi, plan, added))
             else:
                 self.entries.move_to_end(key)
                 entry.inputs.load(emb, x_T, noise, w, phi, plan, added)

@@ -170,7 +170,7 @@ class Engine:
         added = added or {}
         if not self.cuda_graph:
             return self.loop(emb, x_T, noise, dp, w, phi, added, cfg, callback)
-        x0 = self.graphs.run(self.graph_key(emb, x_T, dp, cfg), self._graph_loop(cfg),
+        x0 = self.graphs.run(self.graph_key(emb, x_T, dp, cfg), lambda: self._graph_loop(cfg),
                              emb, x_T, noise, dp, w, phi, added)
         for i in range(dp.plan.num_steps):
             samplers.notify(callback, i)
@@ -183,22 +183,28 @@ class Engine:
                         str(self.dtype).removeprefix("torch."), self.backend, cfg, dp.plan.corrector)
 
     def _graph_loop(self, cfg: bool):
+        """The loop to capture for one key; a runner that needs per-graph state gets its own."""
+        for_graph = getattr(self.runner, "for_graph", None)
+        runner = for_graph() if for_graph is not None else self.runner
+
         def loop(emb, x_T, noise, dp, w, phi, added):
-            return self.loop(emb, x_T, noise, dp, w, phi, added, cfg)
+            return self.loop(emb, x_T, noise, dp, w, phi, added, cfg, runner=runner)
         return loop
 
     @torch.inference_mode()
     def loop(self, emb, x_T, noise, dp: samplers.DevicePlan, w: torch.Tensor, phi: torch.Tensor,
-             added: dict, cfg: bool, callback=None) -> torch.Tensor:
+             added: dict, cfg: bool, callback=None, runner=None) -> torch.Tensor:
         """The sampling loop from x_T to x0 (fp32); every input is already on the device.
 
         emb: [2N or N, L, D] ([negative, positive] when cfg); x_T: [N, C, h, w];
         noise: [N, S, C, h, w]; w, phi: 0-dim fp32; added: SDXL's text_embeds and time_ids,
         [2N or N, ...]. With the torch and TensorRT backends no host sync and no host-to-device
         copy happen inside, so a CUDA graph captures the call whole (onnxruntime runs on its
-        own stream and syncs once per UNet call).
+        own stream and syncs once per UNet call). runner: the UNet runner to use (default the
+        engine's; a captured graph may hold its own).
         """
-        prediction_type, runner, dtype = self.config.prediction_type, self.runner, self.dtype
+        prediction_type, dtype = self.config.prediction_type, self.dtype
+        runner = runner if runner is not None else self.runner
 
         def model_output(x, k):  # x: [N, C, h, w] fp32 -> m: [2N or N, C, h, w], model dtype
             x_in = x.to(dtype)

@@ -240,6 +240,18 @@ class TrtRunner:
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor,
                  encoder_hidden_states: torch.Tensor, **added: torch.Tensor) -> torch.Tensor:
+        feeds = self.feeds(sample, timestep, encoder_hidden_states, added)
+        # Contiguous copies must outlive the enqueue; torch's allocator orders their reuse on
+        # this same stream, so dropping them after the call is safe.
+        keep = {name: t.contiguous() for name, t in feeds.items()}
+        out = self.signature.output_like(sample)
+        bind(self.context, self.inputs, keep, out, self.profile)
+        enqueue(self.context, sample)
+        return out
+
+    def feeds(self, sample: torch.Tensor, timestep: torch.Tensor,
+              encoder_hidden_states: torch.Tensor, added: dict) -> dict[str, torch.Tensor]:
+        """The engine's inputs by name, checked against the signature and the profile."""
         self.signature.check_call(sample, encoder_hidden_states, added, self.dtype)
         batch, _, height, width = sample.shape
         if not self.profile.contains(batch, height, width, encoder_hidden_states.shape[1]):
@@ -247,21 +259,66 @@ class TrtRunner:
                 f"sample {tuple(sample.shape)} with sequence {encoder_hidden_states.shape[1]} is "
                 f"outside the engine's profile ({self.profile.describe()}); rebuild with a wider "
                 f"--min/--max")
-        feeds = {"sample": sample, "timestep": timestep.to(torch.float32),
-                 "encoder_hidden_states": encoder_hidden_states, **added}
-        # Contiguous copies must outlive the enqueue; torch's allocator orders their reuse on
-        # this same stream, so dropping them after the call is safe.
-        keep = {name: t.contiguous() for name, t in feeds.items()}
-        for name in self.inputs:
-            if not self.context.set_input_shape(name, tuple(keep[name].shape)):
-                raise InvalidInputError(f"TensorRT refused {name} of shape {tuple(keep[name].shape)}; "
-                                        f"expected a shape inside the profile {self.profile.describe()}")
-            if not self.context.set_tensor_address(name, keep[name].data_ptr()):
-                raise EngineBuildError(f"TensorRT refused the address of {name}")
-        out = self.signature.output_like(sample)
-        self.context.set_tensor_address(OUTPUT, out.data_ptr())
-        stream = torch.cuda.current_stream(sample.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise EngineBuildError(f"TensorRT execute_async_v3 failed for sample "
-                                   f"{tuple(sample.shape)}; see the TensorRT log above")
-        return out
+        return {"sample": sample, "timestep": timestep.to(torch.float32),
+                "encoder_hidden_states": encoder_hidden_states, **added}
+
+    def for_graph(self) -> "GraphTrtRunner":
+        """A runner for one captured loop (its own context and fixed addresses)."""
+        return GraphTrtRunner(self)
+
+
+class GraphTrtRunner:
+    """TrtRunner for one CUDA graph: own execution context, static I/O buffers.
+
+    TensorRT's rules for capturing enqueue: input shapes and tensor addresses are set before
+    capture and never change, and one enqueue runs before capture (the graph's warm-up loop
+    makes it). Each call copies its inputs into the buffers (device copies, captured) and
+    enqueues; the returned output buffer is overwritten by the next call, which is how the
+    sampling loop uses it (each output is consumed before the next UNet call, in stream order).
+    A second context per graph keeps one graph's shapes and scratch memory from moving under
+    another's.
+    """
+
+    def __init__(self, parent: TrtRunner):
+        self.parent = parent
+        self.context = parent.engine.create_execution_context()
+        if self.context is None:
+            raise EngineBuildError("TensorRT could not create an execution context for a graph")
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.out: torch.Tensor | None = None
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor, **added: torch.Tensor) -> torch.Tensor:
+        feeds = self.parent.feeds(sample, timestep, encoder_hidden_states, added)
+        if self.out is None:  # first call: the warm-up outside capture
+            self.buffers = {name: t.contiguous().clone() for name, t in feeds.items()}
+            self.out = self.parent.signature.output_like(sample)
+            bind(self.context, self.parent.inputs, self.buffers, self.out, self.parent.profile)
+        for name, t in feeds.items():
+            if t.shape != self.buffers[name].shape:
+                raise InvalidInputError(f"{name} of shape {tuple(t.shape)} in a graph captured "
+                                        f"for {tuple(self.buffers[name].shape)}")
+            self.buffers[name].copy_(t)
+        enqueue(self.context, sample)
+        return self.out
+
+
+def bind(context: Any, inputs: list[str], feeds: dict[str, torch.Tensor], out: torch.Tensor,
+         profile: Profile) -> None:
+    """Set every input's shape and address and the output's address on context."""
+    for name in inputs:
+        if not context.set_input_shape(name, tuple(feeds[name].shape)):
+            raise InvalidInputError(f"TensorRT refused {name} of shape {tuple(feeds[name].shape)}; "
+                                    f"expected a shape inside the profile {profile.describe()}")
+        if not context.set_tensor_address(name, feeds[name].data_ptr()):
+            raise EngineBuildError(f"TensorRT refused the address of {name}")
+    if not context.set_tensor_address(OUTPUT, out.data_ptr()):
+        raise EngineBuildError(f"TensorRT refused the address of {OUTPUT}")
+
+
+def enqueue(context: Any, sample: torch.Tensor) -> None:
+    """Run context on the current torch stream of sample's device."""
+    stream = torch.cuda.current_stream(sample.device)
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise EngineBuildError(f"TensorRT execute_async_v3 failed for sample "
+                               f"{tuple(sample.shape)}; see the TensorRT log above")
