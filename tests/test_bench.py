@@ -78,3 +78,17 @@ def test_python_m_benchmarks_runs(tmp_path):
     done = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "--model" in done.stdout and "sd15" in done.stdout
+
+
+def test_bench_subcommand_still_reaches_the_brightness_study():
+    import argparse
+
+    from benchmarks import brightness
+    from benchmarks.cli import add_parsers
+
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command"))
+    study = parser.parse_args(["bench", "brightness", "--n", "4"])
+    loops = parser.parse_args(["bench", "--steps", "7"])
+    assert (study.func, study.n) == (brightness.run, 4)
+    assert (loops.func.__module__, loops.steps, loops.bench) == ("benchmarks.report", 7, None)
