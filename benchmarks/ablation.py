@@ -245,21 +245,14 @@ def peak_mib(device: torch.device) -> float | None:
     return None
 
 
-def measure(loop, iters: int, device: torch.device) -> tuple[float, float, float | None, torch.Tensor]:
-    """(first call s, median of iters calls s, peak MiB, output); each call synchronised."""
+def timed_call(loop, device: torch.device) -> tuple[float, float | None, torch.Tensor]:
+    """(seconds, peak MiB, output) of one synchronised call."""
     reset_peak(device)
     synchronize(device)
     start = time.perf_counter()
     out = loop()
     synchronize(device)
-    warmup = time.perf_counter() - start
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        out = loop()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return warmup, statistics.median(times), peak_mib(device), out.float().clone()
+    return time.perf_counter() - start, peak_mib(device), out
 
 
 def timed_first_call(runner, setup: Setup) -> float:
@@ -335,9 +328,13 @@ def make_runner(unet: str, setup: Setup, s: Settings) -> tuple[object, float | N
 
 
 def run_rows(setup: Setup, s: Settings, say=print) -> list[Row]:
-    """Every row of s.rows plus the floors of the UNets they used, measured in this process."""
+    """Every row of s.rows plus the floors of the UNets they used, measured in this process.
+
+    Each loop is warmed up (and captured, compiled) first; then the timed calls go round
+    robin, one call of every row per round, so drift of a noisy machine spreads over all rows.
+    """
     rows: list[Row] = []
-    outputs: dict[str, torch.Tensor] = {}
+    loops: dict[str, object] = {}
     runners: dict[str, object] = {}
     build_s: dict[str, float | None] = {}
     for name in s.rows:
@@ -349,39 +346,48 @@ def run_rows(setup: Setup, s: Settings, say=print) -> list[Row]:
         unet = {"compiled": "compiled", "tensorrt": "tensorrt"}.get(name, "eager")
         if unet not in runners:
             runners[unet], build_s[unet] = make_runner(unet, setup, s)
-        loop, unet, what = row_loop(name, setup, s, runners)
-        row, outputs[name] = timed_row(name, unet, what, loop, setup, s, build_s.get(unet))
-        rows.append(row)
-        say(f"[{name}] {rows[-1].loop_ms:.1f} ms per request ({what})")
-    floors = {}
+        loops[name], unet, what = row_loop(name, setup, s, runners)
+        rows.append(Row(name, unet, what, compile_s=build_s.get(unet)))
+    cuda = setup.device.type == "cuda"
     for unet in runners:
-        loop = floor_loop(setup, runners[unet], setup.device.type == "cuda")
-        what = ("bare UNet, one CUDA graph" if setup.device.type == "cuda" else
-                "bare UNet, eager (no CUDA)")
-        floors[unet], _ = timed_row(f"floor:{unet}", unet, what, loop, setup, s, None)
-        say(f"[floor:{unet}] {floors[unet].loop_ms:.1f} ms per request")
-    return finish(rows + list(floors.values()), floors, outputs)
+        loops[f"floor:{unet}"] = floor_loop(setup, runners[unet], cuda)
+        rows.append(Row(f"floor:{unet}", unet, "bare UNet, " + ("one CUDA graph" if cuda
+                                                                 else "eager (no CUDA)")))
+    measured = [r for r in rows if not r.skipped]
+    outputs = {r.row: warm_up(r, loops[r.row], setup, say) for r in measured}
+    times: dict[str, list[float]] = {r.row: [] for r in measured}
+    for _ in range(s.iters):
+        for r in measured:
+            seconds, peak, _ = timed_call(loops[r.row], setup.device)
+            times[r.row].append(seconds)
+            r.peak_mib = max(r.peak_mib or 0.0, peak) if peak is not None else r.peak_mib
+    for r in measured:
+        median = statistics.median(times[r.row])
+        r.loop_ms, r.it_per_s, r.ms_per_image = median * 1e3, s.steps / median, median * 1e3 / s.batch
+        say(f"[{r.row}] {r.loop_ms:.1f} ms per request ({r.what})")
+    return finish(rows, outputs)
 
 
-def timed_row(name, unet, what, loop, setup: Setup, s: Settings, compile_s) -> tuple[Row, torch.Tensor]:
-    warmup, median, peak, out = measure(loop, s.iters, setup.device)
+def warm_up(row: Row, loop, setup: Setup, say) -> torch.Tensor:
+    """The first call (captures and compiles happen here); returns its output."""
+    row.warmup_s, row.peak_mib, out = timed_call(loop, setup.device)
     eng = getattr(loop, "engine", None)
-    capture = sum(e.capture_s for e in eng.graphs.entries.values()) if eng else None
-    row = Row(name, unet, what, loop_ms=median * 1e3, it_per_s=s.steps / median,
-              ms_per_image=median * 1e3 / s.batch, peak_mib=peak, warmup_s=warmup,
-              capture_s=capture if eng and eng.cuda_graph else None, compile_s=compile_s)
-    return row, out
+    if eng is not None and eng.cuda_graph:
+        row.capture_s = sum(e.capture_s for e in eng.graphs.entries.values())
+    say(f"[{row.row}] warm-up {row.warmup_s:.2f} s")
+    return out.float().clone()
 
 
-def finish(rows: list[Row], floors: dict, outputs: dict) -> list[Row]:
+def finish(rows: list[Row], outputs: dict) -> list[Row]:
     """Overheads against each UNet's floor and output differences against the eager row."""
     reference = outputs.get("eager")
+    floors = {r.unet: r for r in rows if r.row.startswith("floor:")}
     for r in rows:
         if r.skipped:
             continue
         floor = floors.get(r.unet)
         r.overhead = r.loop_ms / floor.loop_ms if floor else None
-        if reference is not None and r.row in outputs:
+        if reference is not None and not r.row.startswith("floor:"):
             r.max_diff = (outputs[r.row] - reference).abs().max().item()
     return rows
 
