@@ -184,8 +184,7 @@ def engine_loop(setup: Setup, runner, backend: str, graph: bool, kernels: str):
 def floor_loop(setup: Setup, runner, graph: bool):
     """The bare UNet, once per evaluation point of the plan, on fixed inputs."""
     r = setup.request
-    x_in = r["x_T"].to(setup.dtype)
-    x_in = torch.cat([x_in, x_in]) if r["cfg"] else x_in
+    x_in = unet_input(setup)
     timesteps = r["dp"].timesteps
     for_graph = getattr(runner, "for_graph", None)
     runner = for_graph() if graph and for_graph is not None else runner
@@ -199,6 +198,12 @@ def floor_loop(setup: Setup, runner, graph: bool):
         return calls
     replay, out = capture_cuda(calls, None)
     return lambda: (replay(), out)[1]
+
+
+def unet_input(setup: Setup) -> torch.Tensor:
+    """The request's x_T as the UNet sees it: model dtype, doubled for CFG."""
+    x_in = setup.request["x_T"].to(setup.dtype)
+    return torch.cat([x_in, x_in]) if setup.request["cfg"] else x_in
 
 
 @contextlib.contextmanager
@@ -258,8 +263,7 @@ def timed_call(loop, device: torch.device) -> tuple[float, float | None, torch.T
 def timed_first_call(runner, setup: Setup) -> float:
     """Seconds of one UNet call: torch.compile's tracing and code generation happen here."""
     r = setup.request
-    x_in = r["x_T"].to(setup.dtype)
-    x_in = torch.cat([x_in, x_in]) if r["cfg"] else x_in
+    x_in = unet_input(setup)
     synchronize(setup.device)
     start = time.perf_counter()
     with torch.inference_mode():
