@@ -197,7 +197,12 @@ def floor_loop(setup: Setup, runner, graph: bool):
     if not graph:
         return calls
     replay, out = capture_cuda(calls, None)
-    return lambda: (replay(), out)[1]
+
+    def replayed():
+        replay()
+        return out
+    replayed.keepalive = calls  # the graph holds raw addresses of the runner's buffers
+    return replayed
 
 
 def unet_input(setup: Setup) -> torch.Tensor:

@@ -7,10 +7,12 @@ step noise) lives in a static input buffer that is copied into before each repla
 shape or loop structure (batch, latent size, sequence length, steps, sampler, CFG on/off) is a
 new key and a new capture.
 
-Graphs share one memory pool. That is safe here because replays are serialised by the cache's
-lock and every replay's output is cloned before the lock is released: no graph's live output can
-sit in memory that another graph's replay reuses.
+Graphs share one memory pool. That is safe here because every load, replay and output clone
+runs under the cache's lock on the cache's own CUDA stream, so replays are serialised on the
+GPU too (whatever stream each caller uses), and each output is cloned before any other replay:
+no graph's live output can sit in memory that another graph's replay reuses.
 """
+import contextlib
 import logging
 import threading
 import time
@@ -88,19 +90,34 @@ class CapturedLoop:
     replay: Callable[[], None]
     capture_s: float  # warm-up + capture wall time
     eager: bool = False  # capture failed: `replay` runs the loop eagerly on the static inputs
+    keepalive: object = None  # the captured loop and its runner: their memory is in the graph
+
+
+class CaptureError(RuntimeError):
+    """The loop ran (warm-up) but could not be captured into a CUDA graph."""
 
 
 def capture_cuda(loop: Callable[[], torch.Tensor], pool, warmup: int = 1):
-    """(replay, output): warm `loop` up on a side stream, then capture it into one CUDA graph."""
+    """(replay, output): warm `loop` up on a side stream, then capture it into one CUDA graph.
+
+    Warm-up errors propagate as they are; a failure during capture becomes CaptureError, with
+    the caller's stream restored (torch.cuda.graph does not restore it when capture_end fails).
+    """
+    caller = torch.cuda.current_stream()
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    side.wait_stream(caller)
     with torch.cuda.stream(side):
         for _ in range(warmup):  # lazy init, cuBLAS workspaces, Triton/torch.compile autotuning
             loop()
-    torch.cuda.current_stream().wait_stream(side)
+    caller.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        output = loop()
+    try:
+        # thread_local: other threads' allocations and syncs neither fail nor break this capture
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            output = loop()
+    except Exception as err:
+        torch.cuda.set_stream(caller)
+        raise CaptureError(f"{type(err).__name__}: {err}") from err
     return graph.replay, output
 
 
@@ -115,6 +132,7 @@ class GraphCache:
         self.captures = self.replays = self.evictions = 0
         self.lock = threading.Lock()
         self._pool = None
+        self._stream = None  # CUDA stream of every load, replay and clone
 
     def keys(self) -> list[GraphKey]:
         """Cached keys, least recently used first."""
@@ -136,7 +154,7 @@ class GraphCache:
 
         make_loop() gives the loop to capture; it is called only when key is not cached.
         """
-        with self.lock, torch.inference_mode():  # buffers are inference tensors, as the loop's
+        with self.lock, torch.inference_mode(), self._ordered(x_T.device) as done:
             entry = self.entries.get(key)
             if entry is None:
                 entry = self._capture(key, make_loop(), StaticInputs.like(emb, x_T, noise, w, phi, plan, added))
@@ -145,7 +163,29 @@ class GraphCache:
                 entry.inputs.load(emb, x_T, noise, w, phi, plan, added)
             entry.replay()
             self.replays += 1
-            return entry.output.clone()  # the buffer is overwritten by the next replay
+            out = entry.output.clone()  # the buffer is overwritten by the next replay
+            done.append(out)
+        return out
+
+    @contextlib.contextmanager
+    def _ordered(self, device: torch.device):
+        """On CUDA: run the body on `device` and the cache's stream, ordered after the caller's
+        stream, and the caller's stream after it; tensors put in the yielded list are recorded
+        as used by the caller's stream."""
+        done: list[torch.Tensor] = []
+        if device.type != "cuda":
+            yield done
+            return
+        with torch.cuda.device(device):
+            caller = torch.cuda.current_stream()
+            if self._stream is None:
+                self._stream = torch.cuda.Stream()
+            self._stream.wait_stream(caller)
+            with torch.cuda.stream(self._stream):
+                yield done
+            caller.wait_stream(self._stream)
+            for t in done:
+                t.record_stream(caller)
 
     def _capture(self, key: GraphKey, loop, inputs: StaticInputs) -> CapturedLoop:
         if self._pool is None and self.capture is capture_cuda:
@@ -154,16 +194,15 @@ class GraphCache:
         try:
             replay, output = self.capture(lambda: loop(*inputs.args()), self._pool)
             eager = False
-        except Exception as err:  # e.g. a backend op that cannot be captured
-            warnings.warn(f"CUDA graph capture failed for {key} ({type(err).__name__}: {err}); "
-                          "this shape runs eagerly, one UNet launch per step", RuntimeWarning,
-                          stacklevel=4)
-            output = loop(*inputs.args())
+        except CaptureError as err:  # e.g. a backend op that cannot be captured
+            warnings.warn(f"CUDA graph capture failed for {key} ({err}); this shape runs "
+                          "eagerly, one UNet launch per step", RuntimeWarning, stacklevel=4)
+            output = torch.empty_like(inputs.x_T)
 
             def replay():
                 output.copy_(loop(*inputs.args()))
             eager = True
-        entry = CapturedLoop(inputs, output, replay, time.perf_counter() - start, eager)
+        entry = CapturedLoop(inputs, output, replay, time.perf_counter() - start, eager, loop)
         self.captures += 1
         self.entries[key] = entry
         while len(self.entries) > self.capacity:

@@ -109,7 +109,9 @@ class TorchRunner:
         self.module = unet
         if compile_mode is not None:
             mode = None if compile_mode == "default" else compile_mode
-            self.module = torch.compile(unet, mode=mode, fullgraph=True, dynamic=False)
+            # dynamic=None: a second shape recompiles once with dynamic shapes instead of once
+            # per shape, which with fullgraph=True would fail hard at dynamo's recompile limit.
+            self.module = torch.compile(unet, mode=mode, fullgraph=True, dynamic=None)
 
     def __call__(self, x, t, emb, **added):
         # added: SDXL's text_embeds and time_ids; None keeps plain UNets' call unchanged.

@@ -232,6 +232,7 @@ class TrtRunner:
             raise EngineBuildError(f"TensorRT {trt.__version__} could not load {plan_path} "
                                    f"(built by another TensorRT version or GPU?)")
         self.context = self.engine.create_execution_context()
+        self._scratch: torch.Tensor | None = None
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names
                        if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -266,6 +267,13 @@ class TrtRunner:
         """A runner for one captured loop (its own context and fixed addresses)."""
         return GraphTrtRunner(self)
 
+    def graph_scratch(self) -> torch.Tensor:
+        """Activation memory shared by every graph's context (their replays never overlap)."""
+        if self._scratch is None:
+            size = self.engine.device_memory_size_v2
+            self._scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+        return self._scratch
+
 
 class GraphTrtRunner:
     """TrtRunner for one CUDA graph: own execution context, static I/O buffers.
@@ -275,15 +283,22 @@ class GraphTrtRunner:
     makes it). Each call copies its inputs into the buffers (device copies, captured) and
     enqueues; the returned output buffer is overwritten by the next call, which is how the
     sampling loop uses it (each output is consumed before the next UNet call, in stream order).
-    A second context per graph keeps one graph's shapes and scratch memory from moving under
-    another's.
+    A context per graph keeps one graph's shapes and addresses from moving under another's.
+    The contexts share one activation buffer (USER_MANAGED) instead of one each: the graph
+    cache replays them one at a time on one stream, so they never use it at the same time.
     """
 
     def __init__(self, parent: TrtRunner):
+        import tensorrt as trt
+
         self.parent = parent
-        self.context = parent.engine.create_execution_context()
-        if self.context is None:
-            raise EngineBuildError("TensorRT could not create an execution context for a graph")
+        with torch.cuda.device(parent.device):
+            self.context = parent.engine.create_execution_context(
+                trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            if self.context is None:
+                raise EngineBuildError("TensorRT could not create an execution context for a graph")
+            scratch = parent.graph_scratch()
+            self.context.set_device_memory(scratch.data_ptr(), scratch.numel())
         self.buffers: dict[str, torch.Tensor] = {}
         self.out: torch.Tensor | None = None
 

@@ -12,7 +12,7 @@ import torch
 
 import engine
 from engine import InvalidInputError, SamplerConfig
-from engine.graphs import GraphCache, resolve_mode
+from engine.graphs import CaptureError, GraphCache, resolve_mode
 
 from conftest import make_tiny_unet
 
@@ -114,7 +114,8 @@ def test_heun_corrector_structure_is_part_of_the_key():
 
 def test_failed_capture_warns_once_and_runs_eagerly(eager):
     def failing(loop, pool):
-        raise RuntimeError("operation not permitted when stream is capturing")
+        loop()  # the warm-up ran; the capture itself failed
+        raise CaptureError("operation not permitted when stream is capturing")
 
     eng = graphed(eager, capture=failing)
     with pytest.warns(RuntimeWarning, match="capture failed.*runs eagerly"):
@@ -125,6 +126,45 @@ def test_failed_capture_warns_once_and_runs_eagerly(eager):
     torch.testing.assert_close(first, run(eager), rtol=0, atol=0)
     torch.testing.assert_close(second, run(eager, seed=3), rtol=0, atol=0)
     assert eng.graphs.captures == 1
+
+
+def test_a_loop_that_fails_to_run_is_an_error_not_a_fallback(eager):
+    def warm_up_fails(loop, pool):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    eng = graphed(eager, capture=warm_up_fails)
+    with pytest.raises(torch.OutOfMemoryError):
+        run(eng)
+    assert len(eng.graphs) == 0 and eng.graphs.captures == 0
+
+
+def test_the_cache_keeps_each_graphs_runner_alive(eager):
+    """A CUDA graph holds raw addresses of its runner's buffers: the runner must outlive it."""
+    import gc
+    import weakref
+
+    class Runner:
+        made = []
+
+        def __call__(self, x, t, emb, **added):
+            return eager.runner(x, t, emb, **added)
+
+        def for_graph(self):
+            Runner.made.append(Runner())
+            return Runner.made[-1]
+
+    def capture_keeps_nothing(loop, pool):  # like torch: the graph does not hold the Python loop
+        return (lambda: None), loop()
+
+    eng = engine.Engine(eager.components, eager.config, Runner(), eager.device, eager.dtype,
+                        cuda_graph=True, graphs=GraphCache(4, capture=capture_keeps_nothing))
+    run(eng)
+    alive = weakref.ref(Runner.made.pop())
+    gc.collect()
+    assert alive() is not None
+    eng.graphs.clear()
+    gc.collect()
+    assert alive() is None
 
 
 def test_output_is_not_the_replayed_buffer(eager):
