@@ -15,6 +15,7 @@ from ._common import (BLOCK, PREDICTION_CODES, Walk, check_device, check_launcha
                       check_model_output, check_prediction_type, check_scalars, check_tensor,
                       tile_offsets)
 from ._triton import tl, triton
+from .cfg_rescale import guided_tile, load_pair, rescale_ratio
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -63,32 +64,43 @@ def load_coefs(a_ptr, s_ptr, coef_ptr, coef_stride, X0_EPS: tl.constexpr):
 
 
 @triton.jit
-def _sampler_update_kernel(
-    m_ptr,  # [B, C, H, W] model output, model dtype
+def _step_kernel(
+    m_ptr,  # [B or 2B, C, H, W] model output ([neg, pos] when CFG), model dtype
     x_ptr,  # [B, C, H, W] fp32 state x_t
     z_ptr,  # [B, C, H, W] fp32 noise of this step (unused when X0_EPS)
     out_ptr,  # [B, C, H, W] fp32 out: x_p, or x0 when X0_EPS
     eps_ptr,  # [B, C, H, W] fp32 out: eps when X0_EPS (same strides as out)
+    stats_ptr,  # [B, P, 4] fp32 from cfg_rescale._cfg_stats_kernel (CFG only)
+    w_ptr, phi_ptr,  # 0-dim fp32 guidance scale and rescale (CFG only)
     a_ptr, s_ptr,  # 0-dim fp32 sqrt(abar_t), sqrt(1 - abar_t)
     coef_ptr, coef_stride,  # [3] fp32 DDIM row (sqrt(abar_p), c_eps, sigma)
-    N, D2, D3,  # elements per sample, walk sizes (see _common)
+    B, N, D2, D3, P,  # batch, elements per sample, walk sizes, chunks per sample
     sm_b, sm_1, sm_2, sm_3,  # m strides in walk order
     sx_b, sx_1, sx_2, sx_3,  # x strides
     sz_b, sz_1, sz_2, sz_3,  # z strides
     so_b, so_1, so_2, so_3,  # out (and eps) strides
     ITERS: tl.constexpr, BLOCK: tl.constexpr,  # tiles per chunk, elements per tile
+    P_POW2: tl.constexpr,  # P rounded up to a power of two
     PRED: tl.constexpr,  # 0 v_prediction, 1 epsilon, 2 sample
     X0_EPS: tl.constexpr,  # write (x0, eps) instead of x_p
     DENSE: tl.constexpr,  # every tensor dense in walk order
+    CFG: tl.constexpr,  # m is [neg, pos]: guide and rescale each tile first
 ):
     b = tl.program_id(0)
     p = tl.program_id(1)
     a, s, c0, c1, c2 = load_coefs(a_ptr, s_ptr, coef_ptr, coef_stride, X0_EPS)
+    if CFG:
+        w, phi = tl.load(w_ptr), tl.load(phi_ptr)
+        ratio = rescale_ratio(stats_ptr, b, P, N, ITERS * BLOCK, P_POW2)
     for it in range(ITERS):
         j = (p * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
         mask = j < N
-        m_off = tile_offsets(b, j, sm_b, sm_1, sm_2, sm_3, D2, D3, DENSE)
-        m = tl.load(m_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+        if CFG:
+            neg, pos = load_pair(m_ptr, b, B, j, mask, sm_b, sm_1, sm_2, sm_3, D2, D3, DENSE)
+            m = guided_tile(neg, pos, w, phi, ratio)
+        else:
+            m_off = tile_offsets(b, j, sm_b, sm_1, sm_2, sm_3, D2, D3, DENSE)
+            m = tl.load(m_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
         write_step(m, x_ptr, z_ptr, out_ptr, eps_ptr,
                    tile_offsets(b, j, sx_b, sx_1, sx_2, sx_3, D2, D3, DENSE),
                    tile_offsets(b, j, sz_b, sz_1, sz_2, sz_3, D2, D3, DENSE),
@@ -125,25 +137,30 @@ def ddim_update(m, x, noise_i, a_t, s_t, coef_i, prediction_type: str) -> torch.
     """x_p from model output m [B, C, H, W] at x_t; one launch."""
     check_step(m, x, noise_i, prediction_type, False, a_t=a_t, s_t=s_t, coef_i=coef_i)
     check_launchable(x)
-    return launch_sampler_update(m, x, noise_i, a_t, s_t, coef_i, prediction_type)[0]
+    return launch_step(m, x, noise_i, a_t, s_t, coef_i, prediction_type, Walk(x))[0]
 
 
 def x0_eps(m, x, a_t, s_t, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, eps) from model output m [B, C, H, W] at x_t; one launch."""
     check_step(m, x, None, prediction_type, False, a_t=a_t, s_t=s_t)
     check_launchable(x)
-    return launch_sampler_update(m, x, None, a_t, s_t, None, prediction_type)
+    return launch_step(m, x, None, a_t, s_t, None, prediction_type, Walk(x))
 
 
-def launch_sampler_update(m, x, noise_i, a_t, s_t, coef_i, prediction_type):
-    """One launch of _sampler_update_kernel: x_p, or (x0, eps) when noise_i is None. Pre-checked."""
-    walk = Walk(x)
+def launch_step(m, x, noise_i, a_t, s_t, coef_i, prediction_type, walk: Walk, guidance=None):
+    """One launch of _step_kernel: x_p, or (x0, eps) when noise_i is None. Pre-checked.
+
+    guidance: (stats, w, phi) when m is [neg, pos], stats from cfg_rescale.cfg_stats(m, w, walk).
+    """
     out, eps, z, coef, coef_stride = step_operands(x, noise_i, a_t, coef_i, walk)
-    _sampler_update_kernel[walk.grid](
-        m, x, z, out, eps, a_t, s_t, coef, coef_stride, walk.n, walk.d2, walk.d3,
+    stats, w, phi = guidance if guidance is not None else (x, a_t, a_t)  # placeholders, never read
+    _step_kernel[walk.grid](
+        m, x, z, out, eps, stats, w, phi, a_t, s_t, coef, coef_stride,
+        walk.batch, walk.n, walk.d2, walk.d3, walk.chunks,
         *walk.strides(m), *walk.strides(x), *walk.strides(z), *walk.strides(out),
-        ITERS=walk.iters, BLOCK=BLOCK, PRED=PREDICTION_CODES[prediction_type],
-        X0_EPS=noise_i is None, DENSE=walk.dense(m, x, z, out), enable_fp_fusion=False)
+        ITERS=walk.iters, BLOCK=BLOCK, P_POW2=walk.chunks_pow2,
+        PRED=PREDICTION_CODES[prediction_type], X0_EPS=noise_i is None,
+        DENSE=walk.dense(m, x, z, out), CFG=guidance is not None, enable_fp_fusion=False)
     return out, eps
 
 
