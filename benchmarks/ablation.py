@@ -20,12 +20,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from engine import samplers
 from engine.config import SamplerConfig
 from engine.graphs import GraphCache, capture_cuda
 from engine.models import Components
-from engine.prompts import added_conditioning, embed_prompts
-from engine.runtime import Engine, TorchRunner, draw_noise
+from engine.runtime import Engine, TorchRunner
 
 from .presets import PRESETS
 
@@ -116,24 +114,26 @@ def load(s: Settings) -> Setup:
 
 
 def make_request(setup: Setup, s: Settings, latent: tuple[int, int], seq: int, pooled_dim):
-    """Engine.sample's inputs for one request of s.batch images (seed 0)."""
+    """Engine.sample's inputs for one request of s.batch images (seed 0), via Engine.prepare.
+
+    Presets have no VAE, so their engine's sizes are latent sizes (and SDXL's time ids are
+    latent sizes too: values the UNet embeds, which change no timing).
+    """
     unet, n, cfg = setup.components.unet, s.batch, s.guidance != 1
-    g = torch.Generator().manual_seed(0)
+    eng = Engine(setup.components, setup.config, None, setup.device, setup.dtype)
+    f = setup.components.vae_scale_factor
+    g = torch.Generator().manual_seed(1)
     if setup.components.text_encoder is not None:
-        pos, neg = embed_prompts(setup.components, [PROMPT] * n, None, None, None, 1, cfg)
+        text = dict(prompt=[PROMPT] * n)
     else:
-        pos = torch.randn(n, seq, unet.config.cross_attention_dim, generator=g)
-        neg = torch.randn_like(pos) if cfg else None
-    pooled = torch.randn(n, pooled_dim, generator=g) if pooled_dim else None
-    added = added_conditioning(unet.config, pooled, None, n, 1, cfg, (setup.height, setup.width))
-    plan = samplers.make_plan(setup.config, s.steps, 0.0)
-    x_T, noise = draw_noise(g, (n, unet.config.in_channels, *latent), plan, setup.device)
-    emb = torch.cat([neg, pos]) if cfg else pos
-    put = dict(device=setup.device, dtype=setup.dtype)
-    scalars = torch.tensor([s.guidance, s.rescale], dtype=torch.float32, device=setup.device)
-    return dict(emb=emb.to(**put), x_T=x_T, noise=noise, dp=plan.to(setup.device),
-                w=scalars[0], phi=scalars[1], cfg=cfg,
-                added={k: v.to(**put) for k, v in added.items()})
+        shape = (n, seq, unet.config.cross_attention_dim)
+        text = dict(prompt_embeds=torch.randn(shape, generator=g),
+                    negative_prompt_embeds=torch.randn(shape, generator=g) if cfg else None)
+    if pooled_dim:
+        text["pooled_prompt_embeds"] = torch.randn(n, pooled_dim, generator=g)
+    return eng.prepare(**text, num_inference_steps=s.steps, guidance_scale=s.guidance,
+                       guidance_rescale=s.rescale, generator=torch.Generator().manual_seed(0),
+                       height=latent[0] * f, width=latent[1] * f)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -143,8 +143,25 @@ class Engine:
         with a CUDA graph the loop is one replay, so the calls come after it, in order.
         pooled_prompt_embeds [P, D] (and the negative, default zeros): SDXL-style UNets only.
         """
+        check_choice("output_type", output_type, OUTPUT_TYPES)
+        request = self.prepare(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                               num_inference_steps, guidance_scale, guidance_rescale, eta,
+                               generator, latents, height, width, num_images_per_prompt,
+                               pooled_prompt_embeds, negative_pooled_prompt_embeds)
+        x0 = self.sample(**request, callback=callback)
+        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
+        return ImagePipelineOutput(images=decode(x0, self.components, output_type))
+
+    def prepare(self, prompt=None, negative_prompt=None, prompt_embeds=None,
+                negative_prompt_embeds=None, num_inference_steps: int = 25,
+                guidance_scale: float = 7.5, guidance_rescale: float = 0.7, eta: float = 0.0,
+                generator=None, latents=None, height=None, width=None,
+                num_images_per_prompt: int = 1, pooled_prompt_embeds=None,
+                negative_pooled_prompt_embeds=None) -> dict:
+        """`sample`'s inputs for a request (run's arguments), checked and on the device."""
         self._check_scalars(num_inference_steps, guidance_scale, guidance_rescale, eta,
-                            num_images_per_prompt, output_type)
+                            num_images_per_prompt)
         cfg = guidance_scale != 1  # w = 1 is the conditional output alone: skip the negative batch
         pos, neg = embed_prompts(self.components, prompt, negative_prompt, prompt_embeds,
                                  negative_prompt_embeds, num_images_per_prompt, cfg)
@@ -158,13 +175,10 @@ class Engine:
         x_T, noise = draw_noise(generator, shape, plan, self.device, latents)
         pos = pos.to(self.device, self.dtype)
         emb = torch.cat([neg.to(self.device, self.dtype), pos]) if cfg else pos  # [negative, positive]
-        added = {k: v.to(self.device, self.dtype) for k, v in added.items()}
         scalars = torch.tensor([guidance_scale, guidance_rescale], dtype=torch.float32).to(self.device)
-        x0 = self.sample(emb, x_T, noise, plan.to(self.device), scalars[0], scalars[1], cfg,
-                         callback, added)
-        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-
-        return ImagePipelineOutput(images=decode(x0, self.components, output_type))
+        return dict(emb=emb, x_T=x_T, noise=noise, dp=plan.to(self.device), w=scalars[0],
+                    phi=scalars[1], cfg=cfg,
+                    added={k: v.to(self.device, self.dtype) for k, v in added.items()})
 
     def sample(self, emb, x_T, noise, dp: samplers.DevicePlan, w: torch.Tensor, phi: torch.Tensor,
                cfg: bool, callback=None, added: dict | None = None) -> torch.Tensor:
@@ -236,7 +250,7 @@ class Engine:
             x0 = (u + w * (c - u)) / w
         return dp.a_start * x0 + dp.s_start * x_T
 
-    def _check_scalars(self, steps, guidance_scale, guidance_rescale, eta, num_images, output_type):
+    def _check_scalars(self, steps, guidance_scale, guidance_rescale, eta, num_images):
         check_int("num_inference_steps", steps, 1, self.config.num_train_timesteps)
         check_real("guidance_scale", guidance_scale, 1.0, math.inf)
         if math.isinf(guidance_scale):
@@ -247,7 +261,6 @@ class Engine:
             raise InvalidInputError(f"eta={eta} with sampler={self.config.sampler!r}; eta is DDIM's "
                                     "(expected 0 here); use SamplerConfig.s_churn for EDM samplers")
         check_int("num_images_per_prompt", num_images, 1)
-        check_choice("output_type", output_type, OUTPUT_TYPES)
 
     def _latent_shape(self, batch: int, height, width) -> tuple:
         config, f = self.components.unet.config, self.components.vae_scale_factor
