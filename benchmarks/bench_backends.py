@@ -15,33 +15,14 @@ from pathlib import Path
 
 import torch
 
-SMALL = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
-             block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=64,
-             attention_head_dim=8,
-             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
-# runwayml/stable-diffusion-v1-5 unet/config.json (860M parameters).
-SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280), norm_num_groups=32, norm_eps=1e-5,
-            cross_attention_dim=768, attention_head_dim=8, act_fn="silu",
-            center_input_sample=False, downsample_padding=1, flip_sin_to_cos=True, freq_shift=0,
-            mid_block_scale_factor=1,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                              "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                            "CrossAttnUpBlock2D"))
-MODELS = {"small": SMALL, "sd15": SD15}
+from .presets import PRESETS
+
+MODELS = ("small", "sd15")  # presets.PRESETS: random weights, real configs
 
 
-def make_unet(config: dict):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(**config).eval()
-
-
-def make_inputs(config: dict, batch: int, latent: int):
+def make_inputs(name: str, batch: int, latent: int):
     """sample [B, 4, h, w], timestep [], encoder_hidden_states [B, 77, D]."""
+    config = PRESETS[name].unet
     return (torch.randn(batch, config["in_channels"], latent, latent), torch.tensor(500.0),
             torch.randn(batch, 77, config["cross_attention_dim"]))
 
@@ -63,12 +44,11 @@ def time_forward(run, inputs, iters: int) -> tuple[float, float, torch.Tensor]:
 def bench_model(name: str, batch: int, latent: int, iters: int, cache_dir: Path) -> list[dict]:
     from export import load_runner
 
-    config = MODELS[name]
     start = time.perf_counter()
-    unet = make_unet(config)
+    unet = PRESETS[name].build()
     print(f"[{name}] built random UNet in {time.perf_counter() - start:.1f} s "
           f"({sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M params)", flush=True)
-    inputs = make_inputs(config, batch, latent)
+    inputs = make_inputs(name, batch, latent)
     warm, median, ref = time_forward(lambda x, t, e: unet(x, t, encoder_hidden_states=e).sample,
                                      inputs, iters)
     rows = [dict(model=name, backend="torch", warmup_s=warm, forward_ms=median * 1e3)]
@@ -93,8 +73,8 @@ def bench_exporters(cache_root: Path) -> list[dict]:
     from export.onnx_export import export_onnx
     import onnxruntime as ort
 
-    unet = make_unet(SMALL)
-    inputs = make_inputs(SMALL, 2, 32)
+    unet = PRESETS["small"].build()
+    inputs = make_inputs("small", 2, 32)
     with torch.no_grad():
         ref = unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
     rows = []
@@ -114,7 +94,7 @@ def bench_exporters(cache_root: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--batch", type=int, default=2, help="CFG's batch (default 2)")
     parser.add_argument("--latent", type=int, default=32, help="latent side (256 px / 8)")
     parser.add_argument("--iters", type=int, default=3)
