@@ -16,12 +16,12 @@ import contextlib
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from engine.config import SamplerConfig
-from engine.graphs import GraphCache, capture_cuda
+from engine.graphs import GraphCache, capture_cuda, graph_runner
 from engine.models import Components
 from engine.runtime import Engine, TorchRunner
 
@@ -45,8 +45,7 @@ class Settings:
     dtype: str | None = None  # float16 on CUDA, float32 on CPU
     device: str | None = None
     iters: int = 5  # timed requests per row (median)
-    rows: tuple[str, ...] = ROWS
-    explicit_rows: bool = False  # rows named by the user (CPU then runs `compiled` too)
+    rows: tuple[str, ...] | None = None  # None: every row (on CPU, all but `compiled`)
     compile_mode: str = "default"
 
 
@@ -186,8 +185,7 @@ def floor_loop(setup: Setup, runner, graph: bool):
     r = setup.request
     x_in = unet_input(setup)
     timesteps = r["dp"].timesteps
-    for_graph = getattr(runner, "for_graph", None)
-    runner = for_graph() if graph and for_graph is not None else runner
+    runner = graph_runner(runner) if graph else runner
 
     @torch.inference_mode()
     def calls():
@@ -285,7 +283,7 @@ def skip_reason(row: str, s: Settings, device: torch.device) -> str | None:
     cuda = device.type == "cuda"
     if row in ("fused", "graph") and not cuda:
         return "needs CUDA (on CPU the step runs the torch reference; graphs are CUDA-only)"
-    if row == "compiled" and not cuda and not s.explicit_rows:
+    if row == "compiled" and not cuda and s.rows is None:
         return "torch.compile on CPU takes minutes; name it in --rows to run it"
     if row == "tensorrt":
         from engine.errors import BackendUnavailableError
@@ -346,7 +344,7 @@ def run_rows(setup: Setup, s: Settings, say=print) -> list[Row]:
     loops: dict[str, object] = {}
     runners: dict[str, object] = {}
     build_s: dict[str, float | None] = {}
-    for name in s.rows:
+    for name in s.rows or ROWS:
         reason = skip_reason(name, s, setup.device)
         if reason:
             rows.append(Row(name, "-", "-", skipped=reason))
@@ -412,7 +410,3 @@ def describe(setup: Setup, s: Settings) -> dict:
                 batch=s.batch, steps=s.steps, unet_calls=len(r["dp"].timesteps),
                 guidance=s.guidance, rescale=s.rescale, cfg=r["cfg"], iters=s.iters,
                 date=time.strftime("%Y-%m-%d %H:%M:%S"))
-
-
-def as_dicts(rows: list[Row]) -> list[dict]:
-    return [asdict(r) for r in rows]

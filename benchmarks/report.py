@@ -1,9 +1,10 @@
 """`lumen bench` arguments, and its outputs: a printed table, JSON and CSV."""
 import csv
 import json
+from dataclasses import asdict
 from pathlib import Path
 
-from .ablation import ROWS, Row, Settings, as_dicts, describe, load, run_rows
+from .ablation import ROWS, Row, Settings, describe, load, run_rows
 from .presets import PRESETS
 
 COLUMNS = (("row", "{}", 11), ("it_per_s", "{:.2f}", 9), ("ms_per_image", "{:.1f}", 12),
@@ -34,8 +35,8 @@ def add_arguments(parser) -> None:
 def settings(args) -> Settings:
     return Settings(model=args.model, height=args.height, width=args.width, batch=args.batch,
                     steps=args.steps, guidance=args.guidance, dtype=args.dtype, device=args.device,
-                    iters=args.iters, rows=tuple(args.rows or ROWS),
-                    explicit_rows=args.rows is not None, compile_mode=args.compile_mode)
+                    iters=args.iters, rows=tuple(args.rows) if args.rows else None,
+                    compile_mode=args.compile_mode)
 
 
 def run(args) -> int:
@@ -77,7 +78,7 @@ def table(rows: list[Row]) -> str:
 
 def write(stem: Path, facts: dict, rows: list[Row]) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
-    data = as_dicts(rows)
+    data = [asdict(r) for r in rows]
     stem.with_suffix(".json").write_text(json.dumps({"run": facts, "rows": data}, indent=1))
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(facts) + list(data[0]))

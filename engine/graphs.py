@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -27,7 +27,7 @@ from .errors import InvalidInputError
 from .samplers import DevicePlan
 
 log = logging.getLogger("lumen")
-GRAPH_MODES = ("auto", True, False)
+PLAN_TENSORS = tuple(f.name for f in fields(DevicePlan) if f.name != "plan")
 
 
 @dataclass(frozen=True)
@@ -63,16 +63,14 @@ class StaticInputs:
         """Fresh buffers with the request's values (allocated outside any capture)."""
         def copy(t):
             return t.detach().clone(memory_format=torch.contiguous_format)
-        fields = {name: copy(getattr(plan, name)) for name in ("timesteps", "a", "s", "coef",
-                                                                "a_start", "s_start")}
+        tensors = {name: copy(getattr(plan, name)) for name in PLAN_TENSORS}
         return cls(copy(emb), copy(x_T), copy(noise), copy(w), copy(phi),
-                   DevicePlan(plan.plan, **fields), {k: copy(v) for k, v in added.items()})
+                   DevicePlan(plan.plan, **tensors), {k: copy(v) for k, v in added.items()})
 
     def load(self, emb, x_T, noise, w, phi, plan: DevicePlan, added) -> None:
         """Copy one request's values in (device-to-device, on the current stream)."""
         pairs = [(self.emb, emb), (self.x_T, x_T), (self.noise, noise), (self.w, w),
-                 (self.phi, phi)] + [(getattr(self.plan, n), getattr(plan, n))
-                                     for n in ("timesteps", "a", "s", "coef", "a_start", "s_start")]
+                 (self.phi, phi)] + [(getattr(self.plan, n), getattr(plan, n)) for n in PLAN_TENSORS]
         pairs += [(self.added[k], v) for k, v in added.items()]
         for static, value in pairs:
             static.copy_(value)
@@ -188,7 +186,7 @@ class GraphCache:
                 t.record_stream(caller)
 
     def _capture(self, key: GraphKey, loop, inputs: StaticInputs) -> CapturedLoop:
-        if self._pool is None and self.capture is capture_cuda:
+        if self._pool is None and inputs.x_T.is_cuda:
             self._pool = torch.cuda.graph_pool_handle()
         start = time.perf_counter()
         try:
@@ -212,9 +210,15 @@ class GraphCache:
         return entry
 
 
+def graph_runner(runner):
+    """The runner a captured loop uses: its own, for runners with per-graph state (for_graph)."""
+    for_graph = getattr(runner, "for_graph", None)
+    return for_graph() if for_graph is not None else runner
+
+
 def resolve_mode(cuda_graph, device: torch.device, backend: str) -> bool:
     """Whether the engine replays captured loops; CPU is a no-op that says so once."""
-    if cuda_graph not in GRAPH_MODES or isinstance(cuda_graph, int) and not isinstance(cuda_graph, bool):
+    if not (isinstance(cuda_graph, bool) or cuda_graph == "auto"):
         raise InvalidInputError(f"cuda_graph={cuda_graph!r}; expected 'auto', True or False")
     if cuda_graph is False:
         return False

@@ -8,7 +8,7 @@ import kernels
 from . import samplers
 from .config import SamplerConfig
 from .errors import BackendUnavailableError, InvalidInputError, InvalidTypeError
-from .graphs import GraphCache, GraphKey, resolve_mode
+from .graphs import GraphCache, GraphKey, graph_runner, resolve_mode
 from .models import Components, load_components
 from .output import OUTPUT_TYPES, decode
 from .prompts import added_conditioning, embed_prompts
@@ -200,8 +200,7 @@ class Engine:
 
     def _graph_loop(self, cfg: bool):
         """The loop to capture for one key; a runner that needs per-graph state gets its own."""
-        for_graph = getattr(self.runner, "for_graph", None)
-        runner = for_graph() if for_graph is not None else self.runner
+        runner = graph_runner(self.runner)
 
         def loop(emb, x_T, noise, dp, w, phi, added):
             return self.loop(emb, x_T, noise, dp, w, phi, added, cfg, runner=runner)
