@@ -4,8 +4,8 @@ The loop (`Engine.loop`) has no host sync and no host-to-device copy, so it is c
 GraphKey and replayed. Every value a request may change without changing a shape (latents,
 embeddings, SDXL's added conditioning, guidance scale, rescale, the plan's coefficients, eta's
 step noise) lives in a static input buffer that is copied into before each replay; only a new
-shape or loop structure (batch, latent size, sequence length, steps, sampler, CFG on/off) is a
-new key and a new capture.
+shape or loop structure (batch, latent size, sequence length, steps, sampler, CFG on/off, step
+noise on/off, prediction type, kernels, initial-step model) is a new key and a new capture.
 
 Graphs share one memory pool. That is safe here because every load, replay and output clone
 runs under the cache's lock on the cache's own CUDA stream, so replays are serialised on the
@@ -23,11 +23,14 @@ from typing import Callable
 
 import torch
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, LumenError
 from .samplers import DevicePlan
 
 log = logging.getLogger("lumen")
 PLAN_TENSORS = tuple(f.name for f in fields(DevicePlan) if f.name != "plan")
+# Captures of every engine in the process, one at a time: torch captures on a default side
+# stream that two engines capturing from two threads would otherwise share.
+CAPTURE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,10 @@ class GraphKey:
     backend: str
     cfg: bool  # guidance_scale != 1: the negative batch is run
     corrector: tuple[bool, ...] = ()  # Heun's per-step second evaluation (depends on the schedule)
+    noise: bool = False  # the plan draws step noise (DDIM eta > 0, EDM churn)
+    prediction_type: str = "v_prediction"  # the model-output conversion inside the loop
+    kernels: str = "reference"  # the step implementation captured: "triton" or "reference"
+    initial_step: bool = False  # a SingDiffusion hand-over runs before the loop
 
 
 @dataclass
@@ -52,7 +59,7 @@ class StaticInputs:
 
     emb: torch.Tensor  # [2N or N, L, D] model dtype
     x_T: torch.Tensor  # [N, C, h, w] fp32
-    noise: torch.Tensor  # [N, S, C, h, w] fp32 (zeros when the plan draws none)
+    noise: torch.Tensor | None  # [N, S, C, h, w] fp32; None when the plan draws none
     w: torch.Tensor  # 0-dim fp32 guidance scale
     phi: torch.Tensor  # 0-dim fp32 guidance rescale
     plan: DevicePlan  # timesteps, a, s, coef, a_start, s_start as device tensors
@@ -62,7 +69,7 @@ class StaticInputs:
     def like(cls, emb, x_T, noise, w, phi, plan: DevicePlan, added) -> "StaticInputs":
         """Fresh buffers with the request's values (allocated outside any capture)."""
         def copy(t):
-            return t.detach().clone(memory_format=torch.contiguous_format)
+            return None if t is None else t.detach().clone(memory_format=torch.contiguous_format)
         tensors = {name: copy(getattr(plan, name)) for name in PLAN_TENSORS}
         return cls(copy(emb), copy(x_T), copy(noise), copy(w), copy(phi),
                    DevicePlan(plan.plan, **tensors), {k: copy(v) for k, v in added.items()})
@@ -73,7 +80,8 @@ class StaticInputs:
                  (self.phi, phi)] + [(getattr(self.plan, n), getattr(plan, n)) for n in PLAN_TENSORS]
         pairs += [(self.added[k], v) for k, v in added.items()]
         for static, value in pairs:
-            static.copy_(value)
+            if static is not None:  # noise is None in both or in neither: it is part of the key
+                static.copy_(value)
 
     def args(self):
         return self.emb, self.x_T, self.noise, self.plan, self.w, self.phi, self.added
@@ -87,12 +95,15 @@ class CapturedLoop:
     output: torch.Tensor  # [N, C, h, w] fp32, overwritten by every replay
     replay: Callable[[], None]
     capture_s: float  # warm-up + capture wall time
-    eager: bool = False  # capture failed: `replay` runs the loop eagerly on the static inputs
     keepalive: object = None  # the captured loop and its runner: their memory is in the graph
 
 
 class CaptureError(RuntimeError):
     """The loop ran (warm-up) but could not be captured into a CUDA graph."""
+
+
+class GraphCaptureError(LumenError, RuntimeError):
+    """A request's loop could not be captured; the message names the cause and the way out."""
 
 
 def capture_cuda(loop: Callable[[], torch.Tensor], pool, warmup: int = 1):
@@ -115,7 +126,9 @@ def capture_cuda(loop: Callable[[], torch.Tensor], pool, warmup: int = 1):
             output = loop()
     except Exception as err:
         torch.cuda.set_stream(caller)
-        raise CaptureError(f"{type(err).__name__}: {err}") from err
+        # capture_end's error hides the first failure inside the capture: report that one.
+        cause = err.__context__ if err.__context__ is not None else err
+        raise CaptureError(f"{type(cause).__name__}: {cause}") from err
     return graph.replay, output
 
 
@@ -143,8 +156,10 @@ class GraphCache:
         return key in self.entries
 
     def clear(self) -> None:
+        """Drop every graph and the pool they shared (its memory returns with the last graph)."""
         with self.lock:
             self.entries.clear()
+            self._pool = None
 
     def run(self, key: GraphKey, make_loop: Callable[[], Callable[..., torch.Tensor]], emb, x_T,
             noise, plan, w, phi, added) -> torch.Tensor:
@@ -186,27 +201,27 @@ class GraphCache:
                 t.record_stream(caller)
 
     def _capture(self, key: GraphKey, loop, inputs: StaticInputs) -> CapturedLoop:
+        """Warm up and capture; a failed capture raises, leaving no entry.
+
+        A capture that failed may leave the CUDA allocator inside an unfinished capture, so
+        running on eagerly in the same process is not known to be safe: the error says so.
+        """
         if self._pool is None and inputs.x_T.is_cuda:
             self._pool = torch.cuda.graph_pool_handle()
         start = time.perf_counter()
         try:
-            replay, output = self.capture(lambda: loop(*inputs.args()), self._pool)
-            eager = False
+            with CAPTURE_LOCK:
+                replay, output = self.capture(lambda: loop(*inputs.args()), self._pool)
         except CaptureError as err:  # e.g. a backend op that cannot be captured
-            warnings.warn(f"CUDA graph capture failed for {key} ({err}); this shape runs "
-                          "eagerly, one UNet launch per step", RuntimeWarning, stacklevel=4)
-            output = torch.empty_like(inputs.x_T)
-
-            def replay():
-                output.copy_(loop(*inputs.args()))
-            eager = True
-        entry = CapturedLoop(inputs, output, replay, time.perf_counter() - start, eager, loop)
+            raise GraphCaptureError(f"CUDA graph capture failed for {key}: {err}; build the "
+                                    "engine with cuda_graph=False to run this model eagerly") from err
+        entry = CapturedLoop(inputs, output, replay, time.perf_counter() - start, loop)
         self.captures += 1
         self.entries[key] = entry
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
             self.evictions += 1
-        log.info("captured %s in %.2f s%s", key, entry.capture_s, " (eager fallback)" if eager else "")
+        log.info("captured %s in %.2f s", key, entry.capture_s)
         return entry
 
 

@@ -193,10 +193,17 @@ class Engine:
         return x0
 
     def graph_key(self, emb, x_T, dp: samplers.DevicePlan, cfg: bool) -> GraphKey:
-        """The capture key of a request: shapes and loop structure, never values."""
+        """The capture key of a request: shapes and loop structure, never values.
+
+        It also holds what the engine may change between requests and a graph bakes in: the
+        prediction type (config), the step kernels (LUMEN_KERNELS) and the initial-step model.
+        """
         n, _, h, w = x_T.shape
         return GraphKey(n, h, w, emb.shape[1], dp.plan.num_steps, dp.plan.sampler,
-                        str(self.dtype).removeprefix("torch."), self.backend, cfg, dp.plan.corrector)
+                        str(self.dtype).removeprefix("torch."), self.backend, cfg, dp.plan.corrector,
+                        noise=dp.plan.needs_noise, prediction_type=self.config.prediction_type,
+                        kernels="triton" if kernels.use_triton(x_T) else "reference",
+                        initial_step=self.components.initial_step is not None)
 
     def _graph_loop(self, cfg: bool):
         """The loop to capture for one key; a runner that needs per-graph state gets its own."""
@@ -212,7 +219,7 @@ class Engine:
         """The sampling loop from x_T to x0 (fp32); every input is already on the device.
 
         emb: [2N or N, L, D] ([negative, positive] when cfg); x_T: [N, C, h, w];
-        noise: [N, S, C, h, w]; w, phi: 0-dim fp32; added: SDXL's text_embeds and time_ids,
+        noise: [N, S, C, h, w], or None when the plan draws none; w, phi: 0-dim fp32; added: SDXL's text_embeds and time_ids,
         [2N or N, ...]. With the torch and TensorRT backends no host sync and no host-to-device
         copy happen inside, so a CUDA graph captures the call whole (onnxruntime runs on its
         own stream and syncs once per UNet call). runner: the UNet runner to use (default the
@@ -274,12 +281,12 @@ class Engine:
 
 
 def draw_noise(generator, shape: tuple, plan: samplers.Plan, device, latents=None):
-    """(x_T [N, C, h, w], step noise [N, S, C, h, w]) in fp32, drawn sample by sample.
+    """(x_T [N, C, h, w], step noise [N, S, C, h, w] or None) in fp32, drawn sample by sample.
 
     Sample i's draws come only from its generator (or from its turn in the one generator), so a
     seed gives the same image whatever the batch size; with one CPU generator and no step noise
     x_T equals diffusers' `randn_tensor`. Step noise is drawn only when the plan uses it;
-    otherwise it is a zero tensor that takes no memory.
+    otherwise it is None, and the loop and kernels leave the noise term out.
     """
     n, S = shape[0], plan.num_steps
     generators = generator if isinstance(generator, (list, tuple)) else [generator] * n
@@ -297,5 +304,5 @@ def draw_noise(generator, shape: tuple, plan: samplers.Plan, device, latents=Non
             noise.append(torch.randn((S, *shape[1:]), generator=g, device=where))
     x_T = torch.stack([x.to(device, torch.float32) for x in x_T])
     if not plan.needs_noise:
-        return x_T, torch.zeros((), device=device).expand(n, S, *shape[1:])
+        return x_T, None
     return x_T, torch.stack([z.to(device) for z in noise])

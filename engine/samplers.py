@@ -86,22 +86,28 @@ def plan_ddim(t: torch.Tensor, abar: torch.Tensor, eta: float) -> Plan:
     return Plan("ddim", t, abar_t, torch.stack([abar_p.sqrt(), c_eps, sigma], dim=1), float(abar[0]))
 
 
-def ddim_update(x0: torch.Tensor, eps: torch.Tensor, z: torch.Tensor, coef_i: torch.Tensor) -> torch.Tensor:
-    """x_p = sqrt(abar_p)*x0 + sqrt(1 - abar_p - sigma^2)*eps + sigma*z, coef_i a plan_ddim row."""
-    return coef_i[0] * x0 + coef_i[1] * eps + coef_i[2] * z
+def ddim_update(x0: torch.Tensor, eps: torch.Tensor, z: torch.Tensor | None,
+                coef_i: torch.Tensor) -> torch.Tensor:
+    """x_p = sqrt(abar_p)*x0 + sqrt(1 - abar_p - sigma^2)*eps + sigma*z, coef_i a plan_ddim row.
+
+    z None: a run that draws no noise (sigma = 0 on every step), so the term is left out.
+    """
+    x_p = coef_i[0] * x0 + coef_i[1] * eps
+    return x_p if z is None else x_p + coef_i[2] * z
 
 
-def sample_ddim(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor,
+def sample_ddim(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor | None,
                 callback=None, step=None) -> torch.Tensor:
-    """DDIM (Song et al. eq. 12) in x0 form; noise: [B, S, ...].
+    """DDIM (Song et al. eq. 12) in x0 form; noise: [B, S, ...], None when the plan draws none.
 
     step(x, i, z) -> x_p, when given, does denoise and update in one call (kernels.guided_step).
     """
     for i in range(plan.plan.num_steps):
+        z = None if noise is None else noise[:, i]
         if step is not None:
-            x = step(x, i, noise[:, i])
+            x = step(x, i, z)
         else:
-            x = ddim_update(*denoise(x, i), noise[:, i], plan.coef[i])
+            x = ddim_update(*denoise(x, i), z, plan.coef[i])
         notify(callback, i)
     return x
 
@@ -123,7 +129,7 @@ def plan_dpmpp_2m(t: torch.Tensor, abar: torch.Tensor) -> Plan:
     return Plan("dpmpp_2m", t, abar[:-1], coef, float(abar[0]))
 
 
-def sample_dpmpp_2m(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor,
+def sample_dpmpp_2m(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor | None,
                     callback=None) -> torch.Tensor:
     """DPM-Solver++(2M): x_p = (s_p/s)*x + a_p*(1 - e^-h)*(blend of the last two x0)."""
     c = plan.coef
@@ -174,12 +180,13 @@ def plan_edm(t: torch.Tensor, abar: torch.Tensor, config: SamplerConfig, abar_tr
     return Plan(name, torch.stack(ts), torch.stack(abars), coef, float(abar[0]), corrector)
 
 
-def sample_edm(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor,
+def sample_edm(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor | None,
                callback=None) -> torch.Tensor:
     """Churn, Euler step in x0 form, Heun correction where the plan has one."""
     c, k = plan.coef, 0
     for i, correct in enumerate(plan.plan.corrector):
-        x = c[i, 0] * x + c[i, 1] * noise[:, i]  # x_hat; identity where gamma = 0
+        if noise is not None:  # None: no step churns, and then c[:, 0] == 1 exactly
+            x = c[i, 0] * x + c[i, 1] * noise[:, i]  # x_hat; identity where gamma = 0
         x0, eps = denoise(x, k)
         x_next = c[i, 2] * x0 + c[i, 3] * eps  # = a_p * (x_hat/a_hat + (sigma_p - sigma_hat) * eps)
         k += 1
@@ -205,7 +212,7 @@ def make_plan(config: SamplerConfig, num_steps: int, eta: float = 0.0) -> Plan:
 SAMPLE_FNS = {"dpmpp_2m": sample_dpmpp_2m, "euler": sample_edm, "heun": sample_edm}
 
 
-def sample(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor,
+def sample(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor | None,
            callback=None, ddim_step=None) -> torch.Tensor:
     """Run the plan's sampler from x (x_T) to the clean sample; callback(i) after each step.
 

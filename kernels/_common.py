@@ -18,6 +18,12 @@ PREDICTION_CODES = {"v_prediction": 0, "epsilon": 1, "sample": 2}
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK = 1024  # elements per tile: a power of two for tl.arange, 4 KiB of fp32 per operand
 MAX_CHUNKS = 256  # chunks per sample; every CFG program re-reads this many partial stats
+# In-sample indices and offsets are int32 (batch offsets are int64); 2^30 elements per sample
+# leaves room for the last chunk's overhang and for strided views of twice the span.
+MAX_SAMPLE_ELEMENTS = 2**30
+# Pointers to single values (dp.a[i], dp.coef[i], w, phi and their placeholders) are 16-byte
+# aligned only for some i: not specialising on their alignment keeps one compiled kernel per step.
+UNALIGNED_SCALARS = ("w_ptr", "phi_ptr", "a_ptr", "s_ptr", "coef_ptr")
 KERNEL_MODES = ("auto", "reference", "triton")
 
 
@@ -100,6 +106,9 @@ class Walk:
     """How a launch walks [B, C, H, W] tensors: x's memory order, sizes and chunking."""
 
     def __init__(self, x: torch.Tensor):
+        if x[0].numel() > MAX_SAMPLE_ELEMENTS:
+            raise InvalidInputError(f"x.shape={tuple(x.shape)}: {x[0].numel()} elements per sample; "
+                                    f"the kernels address at most {MAX_SAMPLE_ELEMENTS} per sample")
         # Non-batch dims of x from outermost to innermost in memory (ties keep C, H, W order).
         self.perm = tuple(sorted((1, 2, 3), key=lambda d: -x.stride(d)))
         self.batch = x.shape[0]
@@ -136,7 +145,10 @@ class Walk:
 
 @triton.jit
 def tile_offsets(b, j, stride_b, stride_1, stride_2, stride_3, D2, D3, DENSE: tl.constexpr):
-    """Memory offsets of in-sample flat indices j of sample b (walk order, see module doc)."""
+    """Memory offsets of in-sample flat indices j of sample b (walk order, see module doc).
+
+    b is an int64 program id, so b * stride_b cannot wrap however large the batch is.
+    """
     if DENSE:
         off = j
     else:
@@ -155,3 +167,9 @@ def tile_sum(x):
     fails; tl.reduce is patched by the interpreter, which maps _sum_combine to numpy's sum.
     """
     return tl.reduce(x, 0, tl.standard._sum_combine)
+
+
+@triton.jit
+def batch_index():
+    """This program's sample b as int64: batch offsets b * stride exceed int32 on large batches."""
+    return tl.program_id(0).to(tl.int64)

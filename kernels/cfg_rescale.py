@@ -12,7 +12,7 @@ import torch
 
 from engine.guidance import guide
 
-from ._common import BLOCK, Walk, tile_offsets, tile_sum
+from ._common import BLOCK, UNALIGNED_SCALARS, Walk, batch_index, tile_offsets, tile_sum
 from ._triton import tl, triton
 
 # ---------------------------------------------------------------------------------------------
@@ -23,10 +23,11 @@ from ._triton import tl, triton
 def load_pair(m_ptr, b, B, j, mask,
               sm_b, sm_1, sm_2, sm_3,  # m strides in walk order
               D2, D3, DENSE: tl.constexpr):
-    """(neg, pos) tiles of sample b as fp32; m is [neg (B samples), pos (B samples)]."""
-    off = tile_offsets(b, j, sm_b, sm_1, sm_2, sm_3, D2, D3, DENSE)
-    neg = tl.load(m_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    pos = tl.load(m_ptr + B * sm_b + off, mask=mask, other=0.0).to(tl.float32)
+    """(neg, pos) tiles of sample b (int64) as fp32; m is [neg (B samples), pos (B samples)]."""
+    neg_off = tile_offsets(b, j, sm_b, sm_1, sm_2, sm_3, D2, D3, DENSE)
+    pos_off = tile_offsets(b + B, j, sm_b, sm_1, sm_2, sm_3, D2, D3, DENSE)  # sample b of pos
+    neg = tl.load(m_ptr + neg_off, mask=mask, other=0.0).to(tl.float32)
+    pos = tl.load(m_ptr + pos_off, mask=mask, other=0.0).to(tl.float32)
     return neg, pos
 
 
@@ -36,14 +37,16 @@ def merge_moments(n_a, mean_a, m2_a, v, mask, n_b):
 
     The tile's own moments use the corrected two-pass formula (Chan, Golub, LeVeque 1983): the
     fp32 tile mean is off by ~ulp(sum)/n, and sum(d) removes that error from both mean and M2.
+    Divisions are IEEE round-to-nearest (tl.div_rn), as the interpreter computes: a plain `/`
+    compiles to the GPU's approximate division.
     """
     n_safe = tl.maximum(n_b, 1.0)
-    mean_b = tile_sum(tl.where(mask, v, 0.0)) / n_safe
+    mean_b = tl.div_rn(tile_sum(tl.where(mask, v, 0.0)), n_safe)
     d = tl.where(mask, v - mean_b, 0.0)
     sum_d = tile_sum(d)
-    m2_b = tl.maximum(tile_sum(d * d) - sum_d * sum_d / n_safe, 0.0)  # >= 0 exactly
-    mean_b += sum_d / n_safe
-    frac = n_b / tl.maximum(n_a + n_b, 1.0)
+    m2_b = tl.maximum(tile_sum(d * d) - tl.div_rn(sum_d * sum_d, n_safe), 0.0)  # >= 0 exactly
+    mean_b += tl.div_rn(sum_d, n_safe)
+    frac = tl.div_rn(n_b, tl.maximum(n_a + n_b, 1.0))
     delta = mean_b - mean_a
     return mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
 
@@ -56,15 +59,18 @@ def guided_tile(neg, pos, w, phi, ratio):
 
 
 @triton.jit
-def _pooled_std(part_ptr, valid, n_p, N):
-    """Unbiased std of a sample from its chunks' (mean, M2): Chan et al. merge, vectorised."""
+def _pooled_std(part_ptr, valid, n_p, n):
+    """Unbiased std of a sample from its chunks' (mean, M2): Chan et al. merge, vectorised.
+
+    n: the sample's element count as an fp32 value (N may be a compile-time 1, see rescale_ratio).
+    """
     mean_p = tl.load(part_ptr, mask=valid, other=0.0)
     m2_p = tl.load(part_ptr + 1, mask=valid, other=0.0)
-    mean = tile_sum(n_p * mean_p) / N
+    mean = tl.div_rn(tile_sum(n_p * mean_p), n)
     d = mean_p - mean
     sum_d = tile_sum(n_p * d)  # corrects the fp32 rounding of mean, as in merge_moments
-    m2 = tl.maximum(tile_sum(m2_p) + tile_sum(n_p * d * d) - sum_d * sum_d / N, 0.0)
-    return tl.sqrt_rn(m2 / (N - 1))  # N = 1: 0/0 = NaN, which the ratio guard maps to 1
+    m2 = tl.maximum(tile_sum(m2_p) + tile_sum(n_p * d * d) - tl.div_rn(sum_d * sum_d, n), 0.0)
+    return tl.sqrt_rn(tl.div_rn(m2, n - 1.0))  # N = 1: 0/0 = NaN, which the ratio guard maps to 1
 
 
 @triton.jit
@@ -74,13 +80,15 @@ def rescale_ratio(stats_ptr, b, P, N, CHUNK, P_POW2: tl.constexpr):
     valid = p < P
     n_p = tl.where(valid, tl.minimum(N - p * CHUNK, CHUNK), 0).to(tl.float32)
     row = stats_ptr + (b * P + p) * 4  # [mean_pos, M2_pos, mean_cfg, M2_cfg] per chunk
-    sd_pos = _pooled_std(row, valid, n_p, N)
-    sd_cfg = _pooled_std(row + 2, valid, n_p, N)
+    # Triton passes an int argument equal to 1 as a compile-time constant: make n a fp32 value.
+    n = tl.full((), N, tl.int32).to(tl.float32)
+    sd_pos = _pooled_std(row, valid, n_p, n)
+    sd_cfg = _pooled_std(row + 2, valid, n_p, n)
     nonzero = sd_cfg > 0
     return tl.where(nonzero, tl.div_rn(sd_pos, tl.where(nonzero, sd_cfg, 1.0)), 1.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=UNALIGNED_SCALARS[:1])
 def _cfg_stats_kernel(
     m_ptr,  # [2B, C, H, W] model output [neg, pos], model dtype
     w_ptr,  # 0-dim fp32 guidance scale
@@ -92,7 +100,7 @@ def _cfg_stats_kernel(
     BLOCK: tl.constexpr,  # elements per tile
     DENSE: tl.constexpr,  # m dense in walk order: offsets need no index arithmetic
 ):
-    b = tl.program_id(0)
+    b = batch_index()
     p = tl.program_id(1)
     w = tl.load(w_ptr)
     # Moments of (v - v[first element of the sample]): a shift every chunk of the sample shares,

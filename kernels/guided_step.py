@@ -93,7 +93,8 @@ def guided_step(m, x, noise_i, a_t, s_t, coef_i, guidance_scale, guidance_rescal
     """x_p of one DDIM step from the model output m at x_t (with CFG + rescale when cfg).
 
     m: [2B, C, H, W] ([neg, pos]) when cfg, else [B, C, H, W], model dtype; x, noise_i:
-    [B, C, H, W] fp32 (noise_i may be the view noise[:, i]); a_t, s_t, guidance_scale,
+    [B, C, H, W] fp32 (noise_i may be the view noise[:, i], or None for a step without noise,
+    which then is neither allocated nor read); a_t, s_t, guidance_scale,
     guidance_rescale: 0-dim fp32 tensors; coef_i: [3] fp32, the plan_ddim row. Returns fp32.
     """
     _check(m, x, noise_i, a_t, s_t, coef_i, guidance_scale, guidance_rescale, prediction_type, cfg)

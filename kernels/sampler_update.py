@@ -11,9 +11,9 @@ import torch
 from engine.prediction import to_x0_eps
 from engine.samplers import ddim_update as ddim_update_line
 
-from ._common import (BLOCK, PREDICTION_CODES, Walk, check_device, check_launchable,
-                      check_model_output, check_prediction_type, check_scalars, check_tensor,
-                      tile_offsets)
+from ._common import (BLOCK, PREDICTION_CODES, UNALIGNED_SCALARS, Walk, batch_index, check_device,
+                      check_launchable, check_model_output, check_prediction_type, check_scalars,
+                      check_tensor, tile_offsets)
 from ._triton import tl, triton
 from .cfg_rescale import guided_tile, load_pair, rescale_ratio
 
@@ -38,16 +38,21 @@ def x0_eps_tile(m, x, a, s, PRED: tl.constexpr):
 
 @triton.jit
 def write_step(m, x_ptr, z_ptr, out_ptr, eps_ptr, x_off, z_off, out_off, mask, a, s, c0, c1, c2,
-               PRED: tl.constexpr, X0_EPS: tl.constexpr):
-    """Convert the model-output tile m at x_t; store x_p (or x0 and eps when X0_EPS)."""
+               PRED: tl.constexpr, X0_EPS: tl.constexpr, NOISE: tl.constexpr):
+    """Convert the model-output tile m at x_t; store x_p (or x0 and eps when X0_EPS).
+
+    NOISE=False: the step draws no noise (sigma = 0), so z is neither passed nor read.
+    """
     x = tl.load(x_ptr + x_off, mask=mask, other=0.0)
     x0, eps = x0_eps_tile(m, x, a, s, PRED)
     if X0_EPS:
         tl.store(out_ptr + out_off, x0, mask=mask)
         tl.store(eps_ptr + out_off, eps, mask=mask)
-    else:
+    elif NOISE:
         z = tl.load(z_ptr + z_off, mask=mask, other=0.0)
         tl.store(out_ptr + out_off, c0 * x0 + c1 * eps + c2 * z, mask=mask)
+    else:
+        tl.store(out_ptr + out_off, c0 * x0 + c1 * eps, mask=mask)
 
 
 @triton.jit
@@ -63,11 +68,11 @@ def load_coefs(a_ptr, s_ptr, coef_ptr, coef_stride, X0_EPS: tl.constexpr):
     return a, s, c0, c1, c2
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=UNALIGNED_SCALARS)
 def _step_kernel(
     m_ptr,  # [B or 2B, C, H, W] model output ([neg, pos] when CFG), model dtype
     x_ptr,  # [B, C, H, W] fp32 state x_t
-    z_ptr,  # [B, C, H, W] fp32 noise of this step (unused when X0_EPS)
+    z_ptr,  # [B, C, H, W] fp32 noise of this step (read only when NOISE)
     out_ptr,  # [B, C, H, W] fp32 out: x_p, or x0 when X0_EPS
     eps_ptr,  # [B, C, H, W] fp32 out: eps when X0_EPS (same strides as out)
     stats_ptr,  # [B, P, 4] fp32 from cfg_rescale._cfg_stats_kernel (CFG only)
@@ -85,8 +90,9 @@ def _step_kernel(
     X0_EPS: tl.constexpr,  # write (x0, eps) instead of x_p
     DENSE: tl.constexpr,  # every tensor dense in walk order
     CFG: tl.constexpr,  # m is [neg, pos]: guide and rescale each tile first
+    NOISE: tl.constexpr,  # the update adds sigma * z (DDIM with eta > 0)
 ):
-    b = tl.program_id(0)
+    b = batch_index()
     p = tl.program_id(1)
     a, s, c0, c1, c2 = load_coefs(a_ptr, s_ptr, coef_ptr, coef_stride, X0_EPS)
     if CFG:
@@ -105,7 +111,7 @@ def _step_kernel(
                    tile_offsets(b, j, sx_b, sx_1, sx_2, sx_3, D2, D3, DENSE),
                    tile_offsets(b, j, sz_b, sz_1, sz_2, sz_3, D2, D3, DENSE),
                    tile_offsets(b, j, so_b, so_1, so_2, so_3, D2, D3, DENSE),
-                   mask, a, s, c0, c1, c2, PRED, X0_EPS)
+                   mask, a, s, c0, c1, c2, PRED, X0_EPS, NOISE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,16 +131,17 @@ def check_step(m, x, noise_i, prediction_type, cfg, **scalars):
 def step_operands(x, noise_i, a_t, coef_i, walk: Walk):
     """(out, eps, z, coef, coef_stride) of a step launch; outputs fp32, dense in x's order.
 
-    noise_i None selects the (x0, eps) variant: z and coef are then placeholders never read.
+    coef_i None selects the (x0, eps) variant, noise_i None an update without noise: the
+    operands they would fill are then placeholders that the kernel never reads.
     """
     out = walk.empty(x)
-    if noise_i is None:
+    if coef_i is None:
         return out, walk.empty(x), x, a_t, 0
-    return out, out, noise_i, coef_i, coef_i.stride(0)
+    return out, out, x if noise_i is None else noise_i, coef_i, coef_i.stride(0)
 
 
 def ddim_update(m, x, noise_i, a_t, s_t, coef_i, prediction_type: str) -> torch.Tensor:
-    """x_p from model output m [B, C, H, W] at x_t; one launch."""
+    """x_p from model output m [B, C, H, W] at x_t (noise_i None: no noise term); one launch."""
     check_step(m, x, noise_i, prediction_type, False, a_t=a_t, s_t=s_t, coef_i=coef_i)
     check_launchable(x)
     return launch_step(m, x, noise_i, a_t, s_t, coef_i, prediction_type, Walk(x))[0]
@@ -148,7 +155,7 @@ def x0_eps(m, x, a_t, s_t, prediction_type: str) -> tuple[torch.Tensor, torch.Te
 
 
 def launch_step(m, x, noise_i, a_t, s_t, coef_i, prediction_type, walk: Walk, guidance=None):
-    """One launch of _step_kernel: x_p, or (x0, eps) when noise_i is None. Pre-checked.
+    """One launch of _step_kernel: x_p, or (x0, eps) when coef_i is None. Pre-checked.
 
     guidance: (stats, w, phi) when m is [neg, pos], stats from cfg_rescale.cfg_stats(m, w, walk).
     """
@@ -159,8 +166,9 @@ def launch_step(m, x, noise_i, a_t, s_t, coef_i, prediction_type, walk: Walk, gu
         walk.batch, walk.n, walk.d2, walk.d3, walk.chunks,
         *walk.strides(m), *walk.strides(x), *walk.strides(z), *walk.strides(out),
         ITERS=walk.iters, BLOCK=BLOCK, P_POW2=walk.chunks_pow2,
-        PRED=PREDICTION_CODES[prediction_type], X0_EPS=noise_i is None,
-        DENSE=walk.dense(m, x, z, out), CFG=guidance is not None, enable_fp_fusion=False)
+        PRED=PREDICTION_CODES[prediction_type], X0_EPS=coef_i is None,
+        DENSE=walk.dense(m, x, z, out), CFG=guidance is not None, NOISE=noise_i is not None,
+        enable_fp_fusion=False)
     return out, eps
 
 

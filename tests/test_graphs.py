@@ -3,7 +3,7 @@
 CUDA graphs need a GPU (tests/test_cuda.py replays real ones). Here the capture function is
 swapped for `capture_by_rerun`, whose replay reruns the loop on the static buffers only: every
 request value that `StaticInputs.load` failed to copy in would show up as a wrong result, and
-keys, LRU eviction and the capture-failure fallback are the production code's own.
+keys, LRU eviction and the capture-failure error are the production code's own.
 """
 import warnings
 
@@ -12,7 +12,7 @@ import torch
 
 import engine
 from engine import InvalidInputError, SamplerConfig
-from engine.graphs import CaptureError, GraphCache, resolve_mode
+from engine.graphs import CaptureError, GraphCache, GraphCaptureError, resolve_mode
 
 from conftest import make_tiny_unet
 
@@ -54,10 +54,22 @@ def run(eng, **kw):
 def test_new_values_replay_without_recapture_and_match_eager(eager):
     eng = graphed(eager)
     changes = [dict(), dict(seed=1), dict(guidance_scale=3.0), dict(guidance_rescale=0.0),
-               dict(eta=1.0), dict(seed=2, eta=0.3, guidance_scale=12.0, guidance_rescale=1.0)]
+               dict(seed=2, guidance_scale=12.0, guidance_rescale=1.0)]
     for change in changes:
         torch.testing.assert_close(run(eng, **change), run(eager, **change), rtol=0, atol=0)
     assert (eng.graphs.captures, eng.graphs.replays, len(eng.graphs)) == (1, len(changes), 1)
+
+
+def test_new_eta_replays_and_step_noise_on_off_is_a_new_capture(eager):
+    """eta = 0 draws no step noise (no buffer, no noise term); any eta > 0 shares one graph."""
+    eng = graphed(eager)
+    changes = [dict(), dict(eta=1.0), dict(seed=2, eta=0.3, guidance_scale=12.0), dict(seed=4)]
+    for change in changes:
+        torch.testing.assert_close(run(eng, **change), run(eager, **change), rtol=0, atol=0)
+    assert (eng.graphs.captures, eng.graphs.replays) == (2, len(changes))
+    with_noise, without = eng.graphs.keys()  # least recently used first: seed=4 ran last
+    assert (with_noise.noise, without.noise) == (True, False)
+    assert eng.graphs.entries[without].inputs.noise is None
 
 
 def test_new_spacing_reuses_the_graph_through_the_plan_buffers(eager):
@@ -112,20 +124,16 @@ def test_heun_corrector_structure_is_part_of_the_key():
     assert zero_snr.shape == (1, 4, 8, 8)
 
 
-def test_failed_capture_warns_once_and_runs_eagerly(eager):
+def test_failed_capture_raises_with_the_cause_and_the_way_out(eager):
     def failing(loop, pool):
         loop()  # the warm-up ran; the capture itself failed
-        raise CaptureError("operation not permitted when stream is capturing")
+        raise CaptureError("RuntimeError: operation not permitted when stream is capturing")
 
     eng = graphed(eager, capture=failing)
-    with pytest.warns(RuntimeWarning, match="capture failed.*runs eagerly"):
-        first = run(eng)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        second = run(eng, seed=3)
-    torch.testing.assert_close(first, run(eager), rtol=0, atol=0)
-    torch.testing.assert_close(second, run(eager, seed=3), rtol=0, atol=0)
-    assert eng.graphs.captures == 1
+    with pytest.raises(GraphCaptureError, match="operation not permitted.*cuda_graph=False"):
+        run(eng)
+    assert len(eng.graphs) == 0 and eng.graphs.captures == 0
+    assert isinstance(GraphCaptureError("x"), engine.LumenError)
 
 
 def test_a_loop_that_fails_to_run_is_an_error_not_a_fallback(eager):
@@ -226,3 +234,29 @@ def test_compiled_unet_matches_eager(eager):
     compiled = engine.build(make_tiny_unet(), device="cpu", backend_options={"compile": True})
     assert compiled.runner.module is not compiled.runner.unet
     torch.testing.assert_close(run(compiled, steps=2), run(eager, steps=2), rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_mode_and_prediction_type_are_part_of_the_key(eager, monkeypatch):
+    """A graph bakes in the step kernels and the output conversion: changing either recaptures."""
+    eng = graphed(eager)
+    monkeypatch.setenv("LUMEN_KERNELS", "reference")
+    reference = run(eng)
+    monkeypatch.setenv("LUMEN_KERNELS", "triton")  # the Triton kernels, interpreted on CPU
+    fused = run(eng)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+    eng.config = eager.config.replace(prediction_type="sample")
+    run(eng)
+    keys = eng.graphs.keys()
+    assert [(k.kernels, k.prediction_type) for k in keys] == [
+        ("reference", "v_prediction"), ("triton", "v_prediction"), ("triton", "sample")]
+    assert eng.graphs.captures == 3
+
+
+def test_clear_drops_the_graphs_and_their_pool(eager):
+    eng = graphed(eager)
+    run(eng)
+    eng.graphs._pool = (0, 1)  # what torch.cuda.graph_pool_handle() returns on CUDA
+    eng.graphs.clear()
+    assert len(eng.graphs) == 0 and eng.graphs._pool is None
+    run(eng)
+    assert eng.graphs.captures == 2

@@ -384,3 +384,21 @@ def test_cuda_graph_replays_new_device_scalars():
     graph.replay()
     ref = kernels.guided_step_reference(m, x, z, *sc.values(), "v_prediction", True)
     torch.testing.assert_close(out, ref, **TOL)
+
+
+@pytest.mark.parametrize("cfg", [True, False])
+def test_step_without_noise_matches_reference_and_zero_noise(cfg):
+    """noise_i=None (a plan that draws none) leaves the noise term out: same as sigma*0."""
+    m, x, _ = step_inputs(SHAPES[1], torch.float16, cfg, seed=18)
+    sc = step_scalars(ddim_plan(10, eta=0.0), 4)
+    args = (sc["a_t"], sc["s_t"], sc["coef_i"], sc["guidance_scale"], sc["guidance_rescale"],
+            "v_prediction", cfg)
+    out, ref = run_both(kernels.guided_step_triton, kernels.guided_step_reference, m, x, None, *args)
+    torch.testing.assert_close(out, ref, **TOL)
+    assert torch.equal(out, kernels.guided_step_triton(m, x, torch.zeros_like(x), *args))
+
+
+def test_samples_too_large_to_address_are_refused():
+    x = torch.zeros(()).expand(1, 1, 2**15, 2**15 + 1)  # 2^30 + 2^15 elements, no memory
+    with pytest.raises(InvalidInputError, match=r"x.shape=\(1, 1, 32768, 32769\).*at most"):
+        _common.Walk(x)
