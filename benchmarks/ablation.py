@@ -242,9 +242,10 @@ def reset_peak(device: torch.device) -> None:
 
 
 def peak_mib(device: torch.device) -> float | None:
-    """CUDA: peak allocated by torch; CPU: peak RSS of the process (weights included)."""
+    """CUDA: peak reserved by torch's allocator, so captured graphs' pools count (their memory
+    is allocated at capture, not at replay); CPU: peak RSS of the process (weights included)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return torch.cuda.max_memory_reserved(device) / 2**20
     with contextlib.suppress(OSError):
         with open("/proc/self/status") as f:
             for line in f:

@@ -96,7 +96,7 @@ def test_bad_input_raises_before_any_model_call(eng, good, change, message, buil
 
 
 def test_eta_with_a_non_ddim_sampler_is_refused(tiny_unet, good):
-    eng = engine.build(tiny_unet, scheduler=SamplerConfig(sampler="heun"))
+    eng = engine.build(tiny_unet, scheduler=SamplerConfig(sampler="heun"), device="cpu")
     with pytest.raises(InvalidInputError, match="eta=0.5 with sampler='heun'"):
         eng.run(**good, eta=0.5)
 
@@ -123,12 +123,12 @@ def test_unsupported_diffusers_scheduler_is_named():
 
 def test_prompt_without_text_encoder_is_refused(tiny_unet):
     with pytest.raises(InvalidInputError, match="no text encoder; pass prompt_embeds"):
-        engine.build(tiny_unet).run(prompt="a cat", guidance_scale=1.0)
+        engine.build(tiny_unet, device="cpu").run(prompt="a cat", guidance_scale=1.0)
 
 
 def test_guidance_without_negative_and_text_encoder_is_refused(tiny_unet, good):
     with pytest.raises(InvalidInputError, match="needs negative_prompt_embeds"):
-        engine.build(tiny_unet).run(prompt_embeds=good["prompt_embeds"])
+        engine.build(tiny_unet, device="cpu").run(prompt_embeds=good["prompt_embeds"])
 
 
 def test_tensorrt_without_tensorrt_fails_early_naming_the_fallback(tiny_unet):
@@ -187,7 +187,8 @@ def test_noise_lands_on_the_engine_device_whatever_the_generator():
 
 def test_steps_offset_past_the_last_timestep_is_refused_before_any_model_call(tiny_unet, good):
     eng = engine.build(tiny_unet, scheduler=SamplerConfig(zero_terminal_snr=False, prediction_type="epsilon",
-                                                          timestep_spacing="leading", steps_offset=1))
+                                                          timestep_spacing="leading", steps_offset=1),
+                       device="cpu")
     eng.runner = Spy(eng.runner)
     with pytest.raises(InvalidInputError, match="steps_offset=1 moves leading timesteps outside"):
         eng.run(**{**good, "num_inference_steps": 1000})

@@ -14,7 +14,7 @@ from conftest import TINY_UNET
 
 
 def bench(tmp_path, *args):
-    assert main(["bench", "--iters", "1", "--out", str(tmp_path), *args]) == 0
+    assert main(["bench", "--device", "cpu", "--iters", "1", "--out", str(tmp_path), *args]) == 0
     (path,) = tmp_path.glob("*.json")
     data = json.loads(path.read_text())
     return data["run"], {r["row"]: r for r in data["rows"]}, path

@@ -9,14 +9,14 @@ from engine.errors import InvalidInputError
 
 @pytest.fixture(scope="module")
 def default():
-    return engine.build("default")
+    return engine.build("default", device="cpu")
 
 
 def test_default_model_loads_offline_with_its_training_facts(default):
     assert default.config.zero_terminal_snr and default.config.prediction_type == "v_prediction"
     assert default.config.timestep_spacing == "trailing"
     assert default.components.vae is None and default.components.vae_scale_factor == 1
-    flawed = engine.build("flawed").config
+    flawed = engine.build("flawed", device="cpu").config
     assert not flawed.zero_terminal_snr and flawed.prediction_type == "epsilon"
 
 

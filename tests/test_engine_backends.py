@@ -9,8 +9,9 @@ pytest.importorskip("onnxruntime", reason="the onnxruntime backend needs onnxrun
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 7.5])
 def test_run_on_onnxruntime_matches_torch(tiny_unet, tmp_path, guidance_scale):
-    ort = engine.build(tiny_unet, backend="onnxruntime", backend_options={"cache_dir": tmp_path})
-    ref = engine.build(tiny_unet)
+    ort = engine.build(tiny_unet, backend="onnxruntime", device="cpu",
+                       backend_options={"cache_dir": tmp_path})
+    ref = engine.build(tiny_unet, device="cpu")
     g = torch.Generator().manual_seed(0)
     args = dict(prompt_embeds=torch.randn(2, 7, 32, generator=g), negative_prompt_embeds=torch.randn(2, 7, 32, generator=g),
                 num_inference_steps=4, guidance_scale=guidance_scale, output_type="latent")

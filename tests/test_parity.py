@@ -43,7 +43,7 @@ def inputs():
 @pytest.mark.parametrize("w,phi", [(1.0, 0.0), (1.0, 0.7), (7.5, 0.0), (7.5, 0.7)])
 def test_matches_diffusers_ddim_with_rescaled_cfg(tiny_unet, inputs, S, w, phi):
     latents, pos, neg = inputs
-    eng = engine.build(tiny_unet)
+    eng = engine.build(tiny_unet, device="cpu")
     ours = eng.run(prompt_embeds=pos, negative_prompt_embeds=neg, latents=latents, num_inference_steps=S,
                    guidance_scale=w, guidance_rescale=phi, output_type="latent").images
     theirs = diffusers_ddim(tiny_unet, latents, pos, neg, S, w, phi)

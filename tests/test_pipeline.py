@@ -12,7 +12,7 @@ from engine import SamplerConfig
 
 @pytest.fixture(scope="module")
 def eng(tiny_pipeline_dir):
-    return engine.build(str(tiny_pipeline_dir))
+    return engine.build(str(tiny_pipeline_dir), device="cpu")
 
 
 def test_text_prompts_generate_images_of_every_output_type(eng):
@@ -118,14 +118,15 @@ def test_sampling_loop_has_no_host_sync(eng, sampler):
 
 
 def test_scheduler_argument_forms(tiny_unet, tiny_pipeline_dir):
-    assert engine.build(tiny_unet).config == SamplerConfig()
-    own = engine.build(str(tiny_pipeline_dir)).config  # training facts from the folder, Lumen sampling
+    assert engine.build(tiny_unet, device="cpu").config == SamplerConfig()
+    own = engine.build(str(tiny_pipeline_dir), device="cpu").config  # training facts from the folder, Lumen sampling
     assert own.prediction_type == "v_prediction" and own.zero_terminal_snr and own.timestep_spacing == "trailing"
     sd = dict(beta_schedule="scaled_linear", prediction_type="epsilon", timestep_spacing="leading", steps_offset=1)
-    assert engine.build(tiny_unet, scheduler=DDIMScheduler(**sd)).config == SamplerConfig(
+    assert engine.build(tiny_unet, scheduler=DDIMScheduler(**sd), device="cpu").config == SamplerConfig(
         zero_terminal_snr=False, prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
         beta_start=0.0001, beta_end=0.02)
     heun = engine.build(tiny_unet, scheduler=dict(HeunDiscreteScheduler(use_karras_sigmas=True,
                                                   prediction_type="v_prediction").config,
-                                                  _class_name="HeunDiscreteScheduler")).config
+                                                  _class_name="HeunDiscreteScheduler"),
+                        device="cpu").config
     assert heun.sampler == "heun" and heun.timestep_spacing == "karras"
