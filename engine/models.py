@@ -26,14 +26,21 @@ class Components:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def to(self, device, dtype):
-        """Move every module to device/dtype, in place."""
+        """Move every module to device/dtype, in place; a VAE that overflows in fp16 stays fp32."""
         text_module = getattr(self.text_encoder, "module", self.text_encoder)
         for module in (self.unet, self.vae, text_module, self.initial_step):
             if isinstance(module, torch.nn.Module):
+                want = self.vae_dtype(dtype) if module is self.vae else dtype
                 module.eval().requires_grad_(False).to(device=device)
-                if any(p.dtype != dtype for p in module.parameters()):
-                    module.to(dtype=dtype)
+                if any(p.dtype != want for p in module.parameters()):
+                    module.to(dtype=want)
         return self
+
+    def vae_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """fp32 for an fp16 run when the VAE's config says force_upcast (SDXL's VAE overflows in
+        fp16), as diffusers pipelines decode; else the run's dtype."""
+        upcast = bool(getattr(getattr(self.vae, "config", None), "force_upcast", False))
+        return torch.float32 if dtype == torch.float16 and upcast else dtype
 
 
 class ClipPromptEncoder:

@@ -9,6 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import engine
 from engine import SamplerConfig
 
+from conftest import make_tiny_unet
+
 
 @pytest.fixture(scope="module")
 def eng(tiny_pipeline_dir):
@@ -130,3 +132,17 @@ def test_scheduler_argument_forms(tiny_unet, tiny_pipeline_dir):
                                                   _class_name="HeunDiscreteScheduler"),
                         device="cpu").config
     assert heun.sampler == "heun" and heun.timestep_spacing == "karras"
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_vae_that_asks_for_upcast_stays_fp32_in_an_fp16_run(force_upcast):
+    """SDXL's VAE overflows in fp16 and its config says force_upcast: decode it in fp32."""
+    from diffusers import AutoencoderKL
+
+    from engine.models import Components
+
+    vae = AutoencoderKL(block_out_channels=(32,), norm_num_groups=32, force_upcast=force_upcast)
+    parts = Components(make_tiny_unet(), vae=vae).to("cpu", torch.float16)
+    assert parts.unet.dtype == torch.float16
+    assert vae.dtype == (torch.float32 if force_upcast else torch.float16)
+    assert parts.vae_dtype(torch.bfloat16) == torch.bfloat16  # diffusers upcasts fp16 only
