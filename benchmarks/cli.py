@@ -1,16 +1,20 @@
-"""`lumen bench ...`: the loop ablations (no subcommand) and the brightness study."""
+"""`lumen bench ...`: the loop ablations (no subcommand), the brightness study, the GPU check."""
 
 
 def add_parsers(subparsers) -> None:
-    from . import brightness, report
+    from . import brightness, gpu_check, report
 
     bench = subparsers.add_parser(
         "bench", help="cumulative ablations of the sampling loop, or a study",
         description="Cumulative ablations of one request's sampling loop (see "
-                    "benchmarks/ablation.py), or `lumen bench brightness`.")
+                    "benchmarks/ablation.py), `lumen bench brightness` or `lumen bench gpu`.")
     report.add_arguments(bench)
     bench.set_defaults(func=report.run)
     which = bench.add_subparsers(dest="bench", required=False)
     p = which.add_parser("brightness", help="brightness study of the built-in models (Lin et al.)")
     brightness.add_arguments(p)
     p.set_defaults(func=brightness.run)
+    p = which.add_parser("gpu", help="time-boxed check of a GPU host: tests, kernels, bench "
+                                     "rows, graph soak, VAE (--dry-run: on CPU)")
+    gpu_check.add_arguments(p)
+    p.set_defaults(func=gpu_check.run)
