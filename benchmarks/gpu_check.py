@@ -289,8 +289,8 @@ def error_headline(err: Exception) -> str:
     if isinstance(err, ModuleNotFoundError) and err.name:
         package = err.name.split(".")[0]
         hint = " (carry its wheel: see benchmarks/README.md)" if package == "diffusers" else ""
-        return f"error: {package} not installed{hint}"
-    return f"error: {type(err).__name__}: {err}"[:300]
+        return f"{package} not installed{hint}"
+    return f"{type(err).__name__}: {err}"[:300]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def bench_checks(rows, sizes, device: torch.device) -> list[dict]:
     slow = [name for name, r in measured.items() if not r.it_per_s or r.it_per_s <= 0]
     checks = [check("every row measured", not slow and "eager" in measured,
                     ", ".join(slow) or f"{', '.join(measured)}: it/s > 0")]
-    lumen = {n: r.max_diff for n, r in measured.items() if n not in ("diffusers",)
+    lumen = {n: r.max_diff for n, r in measured.items() if n != "diffusers"
              and not n.startswith("floor:")}
     off = {n: d for n, d in lumen.items() if d is None or d > sizes.bench_tol}
     checks.append(check("Lumen rows match the eager row", not off, f"max_diff {off} > "

@@ -20,7 +20,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = dict(atol=1e-5, rtol=1e-5)  # tests/test_kernels.py's: kernel and reference are both fp32
-PACKAGES = ("torch", "triton", "diffusers", "transformers", "onnxruntime", "tensorrt")
+PACKAGES = ("torch", "triton", "diffusers", "transformers", "huggingface-hub", "safetensors",
+            "Pillow", "numpy", "onnxruntime", "tensorrt")
 
 
 def check(name: str, ok, detail: str) -> dict:
