@@ -1,4 +1,7 @@
-"""Classifier-free guidance with per-sample std rescale: Lin et al. Algorithm 2, SPEC section 6."""
+"""Classifier-free guidance with per-sample std rescale: Lin et al. Algorithm 2.
+
+The math: docs/math.md#cfg-with-per-sample-rescale.
+"""
 import torch
 
 

@@ -1,4 +1,7 @@
-"""The one place that turns a model output into (x0, eps): Lin et al. section 6, SPEC section 3."""
+"""The one place that turns a model output into (x0, eps).
+
+The math: docs/math.md#from-model-output-to-x0-and-eps.
+"""
 import torch
 
 

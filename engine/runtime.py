@@ -27,7 +27,7 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
     SNR) from its own scheduler config and samples with Lumen's defaults (trailing DDIM); a
     diffusers scheduler, its config dict or a SamplerConfig is taken as given.
     initial_step: a SingDiffusion x0-predictor (module(x_T, embeddings) -> x0, or its folder)
-    that replaces the model at the pure-noise end (SPEC section 8).
+    that replaces the model at the pure-noise end (docs/math.md#singdiffusions-initial-step).
     backend_options: for torch, {"compile": True or a torch.compile mode}; for onnxruntime and
     tensorrt, keyword arguments of export.load_runner (cache_dir, min_shape/opt_shape/max_shape
     as latent (batch, h, w), exporter, provider).
@@ -245,9 +245,10 @@ class Engine:
         return samplers.sample(denoise, x_T, dp, noise, callback, ddim_step)
 
     def hand_over(self, x_T, emb, w, cfg: bool, dp: samplers.DevicePlan) -> torch.Tensor:
-        """SingDiffusion: x at the first listed timestep = a*x0_hat + s*x_T (SPEC section 8).
+        """SingDiffusion: x at the first listed timestep = a*x0_hat + s*x_T.
 
-        x0_hat comes from the initial-step predictor, guided as (u + w*(c - u)) / w.
+        x0_hat comes from the initial-step predictor, guided as (u + w*(c - u)) / w
+        (docs/math.md#singdiffusions-initial-step).
         """
         x_in = x_T.to(self.dtype)
         x0 = self.components.initial_step(torch.cat([x_in, x_in]) if cfg else x_in, emb).float()

@@ -116,7 +116,8 @@ def karras_timesteps(abar_train: torch.Tensor, num_steps: int, rho: float = 7.0,
     smin = float(finite.min()) if sigma_min is None else sigma_min
     smax = float(finite.max()) if sigma_max is None else sigma_max
     zero_snr = bool(abar_train[-1] == 0)
-    # sigma = inf has no place on a rho-ramp: spend one step there, ramp the rest (SPEC 7).
+    # sigma = inf has no place on a rho-ramp: spend one step there, ramp the rest
+    # (docs/math.md#edm-euler-and-heun).
     n_ramp = num_steps - 1 if zero_snr else num_steps
     sigmas = karras_sigmas(n_ramp, smin, smax, rho) if n_ramp > 0 else sigmas_from_abar(abar_train[:0])
     if zero_snr:

@@ -1,4 +1,5 @@
-"""Classifier-free guidance with per-sample std rescale (Lin et al. Algorithm 2, SPEC section 6).
+"""Classifier-free guidance with per-sample std rescale (Lin et al. Algorithm 2; the math:
+docs/math.md#cfg-with-per-sample-rescale).
 
 Two launches: `_cfg_stats_kernel` (here) reduces each chunk of each sample to (mean, M2) of pos
 and of cfg; guided_step.py's kernel merges a sample's chunks into sd_pos/sd_cfg with

@@ -1,4 +1,6 @@
-"""Model output -> (x0, eps) fused with the DDIM update (SPEC sections 3 and 5), one launch.
+"""Model output -> (x0, eps) fused with the DDIM update, one launch.
+
+The math: docs/math.md#from-model-output-to-x0-and-eps and docs/math.md#ddim.
 
 x_p = c0*x0 + c1*eps + c2*z with (c0, c1, c2) = coef_i = (sqrt(abar_p), sqrt(1 - abar_p -
 sigma^2), sigma) from engine.samplers.plan_ddim. a_t, s_t and coef_i are read from device

@@ -1,4 +1,5 @@
-"""Where diffusers is wrong, against the oracle (SPEC sections 4-6): Lumen is right."""
+"""Where diffusers is wrong, against the oracle: Lumen is right
+(docs/diffusers.md#where-lumen-differs-from-diffusers-and-why)."""
 import pytest
 import torch
 from diffusers import DDIMScheduler

@@ -1,4 +1,4 @@
-"""CFG with per-sample std rescale: SPEC section 6 and test case 5."""
+"""CFG with per-sample std rescale: docs/math.md#cfg-with-per-sample-rescale."""
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 

@@ -1,4 +1,5 @@
-"""SingDiffusion's initial-step predictor plugged into the first step (SPEC section 8)."""
+"""SingDiffusion's initial-step predictor plugged into the first step
+(docs/math.md#singdiffusions-initial-step)."""
 import torch
 
 from engine import SamplerConfig

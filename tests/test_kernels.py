@@ -160,7 +160,7 @@ def test_rescale_std_survives_a_large_mean():
 
 
 # ---------------------------------------------------------------------------------------------
-# Guidance properties (SPEC section 6)
+# Guidance properties (docs/math.md#cfg-with-per-sample-rescale)
 
 
 def test_rescale_is_per_sample():
@@ -215,7 +215,7 @@ def test_w_one_with_rescale_leaves_pos():
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampler update (SPEC sections 3 and 5)
+# Sampler update (docs/math.md#from-model-output-to-x0-and-eps, docs/math.md#ddim)
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
@@ -237,7 +237,7 @@ def test_first_step_at_abar_zero_gives_x0_minus_v_and_eps_x_exactly():
     x0, eps = kernels.guided_x0_eps_triton(m, x, plan.a[0], plan.s[0], scalar(7.5), scalar(0.7),
                                            "v_prediction", False)
     assert torch.equal(x0, -m.float()) and torch.equal(eps, x)
-    # eta = 0 from pure noise (SPEC 5): x_p = sqrt(abar_p)*(-v) + sqrt(1 - abar_p)*x_T.
+    # eta = 0 from pure noise (docs/math.md#ddim): x_p = sqrt(abar_p)*(-v) + sqrt(1 - abar_p)*x_T.
     out = ddim_update(m, x, z, plan.a[0], plan.s[0], plan.coef[0], "v_prediction")
     c = plan.coef[0]
     assert c[2] == 0
@@ -262,7 +262,7 @@ def test_sampler_update_alone_is_bitwise_reference(prediction_type):
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_oracle_v_model_lands_on_x0(eta):
-    """SPEC 9.3 through the fused kernels: a model returning the exact v recovers x0*."""
+    """The oracle test through the fused kernels: a model returning the exact v recovers x0*."""
     S, shape = 7, (2, 3, 5, 9)
     plan = ddim_plan(S, eta)
     g = torch.Generator().manual_seed(12)

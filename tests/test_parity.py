@@ -1,4 +1,5 @@
-"""Parity with diffusers' DDIMScheduler + rescale_noise_cfg on a small UNet (SPEC test case 6).
+"""Parity with diffusers' DDIMScheduler + rescale_noise_cfg on a small UNet
+(docs/diffusers.md#schedulers).
 
 Tolerance: |ours - diffusers| <= 1e-5 * (1 + |diffusers|) in fp32. Lumen builds the schedule in
 float64; diffusers accumulates abar in float32, whose rounding (~1e-7 relative) the guidance

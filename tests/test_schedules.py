@@ -1,4 +1,6 @@
-"""Schedules, zero terminal SNR and spacing: SPEC sections 1, 2, 4 and test cases 1, 2."""
+"""Schedules, zero terminal SNR and spacing: Lin et al. Tables 1 and 2 and Algorithm 1
+(docs/math.md#training-beta-schedules, docs/math.md#zero-terminal-snr-algorithm-1,
+docs/math.md#timestep-spacing)."""
 import math
 
 import pytest

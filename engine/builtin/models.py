@@ -34,7 +34,10 @@ def initial_step_config(cross_attention_dim: int, tiny: bool = False) -> dict:
 
 
 class InitialStepPredictor(nn.Module):
-    """SingDiffusion (Pang et al. 2024): x0_hat = f(x_T, prompt), no timestep input (SPEC 8)."""
+    """SingDiffusion (Pang et al. 2024): x0_hat = f(x_T, prompt), no timestep input.
+
+    The math: docs/math.md#singdiffusions-initial-step.
+    """
 
     def __init__(self, unet: UNet2DConditionModel):
         super().__init__()

@@ -1,4 +1,5 @@
-"""Train SingDiffusion's initial-step x0-predictor for the `flawed` built-in model (SPEC 8).
+"""Train SingDiffusion's initial-step x0-predictor for the `flawed` built-in model
+(docs/math.md#singdiffusions-initial-step).
 
     python -m engine.builtin.train_initial_step
 
