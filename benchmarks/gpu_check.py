@@ -105,8 +105,8 @@ DRY = Sizes(
     kernel_cases=(Case("2x4x8x8", 2, 4, 8, 8), Case("1x4x12x20", 1, 4, 12, 20)), aot_arch=90,
     stage_env={"kernels": {"TRITON_INTERPRET": "1", "LUMEN_KERNELS": "triton"}},
     sd15=Settings(model="small", height=64, width=64, batch=1, guidance=7.5, steps=2, iters=1),
-    sdxl=None, sdxl_skip="no tiny SDXL-style preset outside the tests (benchmarks.presets has "
-                         "small, sd15, sd21 and sdxl; sdxl is 2.6B parameters)",
+    sdxl=Settings(model="small_xl", height=64, width=64, batch=1, guidance=7.5, steps=2,
+                  iters=1), sdxl_skip="",
     bench_tol=1e-4, diffusers_tol=1e-4,  # fp32, and 2 steps divide T: the same timesteps
     soak_runs=5, soak_sizes=((8, 8), (16, 8)), soak_steps=2,
     soak_dtype="float32", vae=TINY_VAE, vae_latent=(1, 4, 8, 8), vae_tol=1e-2)

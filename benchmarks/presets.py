@@ -2,7 +2,8 @@
 
 Configs are those of the published `unet/config.json` files (runwayml/stable-diffusion-v1-5,
 stabilityai/stable-diffusion-2-1, stabilityai/stable-diffusion-xl-base-1.0); nothing is
-downloaded. `small` is a 1M-parameter UNet of the same family for CPU runs.
+downloaded. `small` is a 1M-parameter UNet of the same family for CPU runs, `small_xl` the
+same size with SDXL's added conditioning.
 """
 from dataclasses import dataclass, field
 
@@ -71,4 +72,14 @@ PRESETS = {p.name: p for p in (
                         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
                                         "UpBlock2D")),
            pooled_dim=1280),
+    # small with SDXL's added conditioning (pooled text embedding + time ids), for CPU runs
+    Preset("small_xl", dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+                            block_out_channels=(32, 64), norm_num_groups=8,
+                            cross_attention_dim=64, attention_head_dim=8,
+                            use_linear_projection=True, addition_embed_type="text_time",
+                            addition_time_embed_dim=8,
+                            projection_class_embeddings_input_dim=32 + 6 * 8,
+                            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
+           seq_len=7, pooled_dim=32),
 )}
