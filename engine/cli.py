@@ -1,4 +1,4 @@
-"""The `lumen` command: generate images, build backend artifacts, run benchmarks."""
+"""The `lumen` command: generate images, build backend artifacts, serve, run benchmarks."""
 import argparse
 import sys
 import time
@@ -71,8 +71,10 @@ def main(argv=None) -> int:
     add_generate_parser(subparsers)
     from benchmarks.cli import add_parsers
     from export.cli import add_build_parser
+    from serve.cli import add_serve_parser
 
     add_build_parser(subparsers)
+    add_serve_parser(subparsers)
     add_parsers(subparsers)
     args = parser.parse_args(argv)
     try:
