@@ -25,7 +25,7 @@ class Disconnected(Exception):
 def engine_param(message: str, path: str) -> tuple[str | None, str]:
     """(request field, message in that field's name) of an engine error message."""
     names = A1111_FIELDS if path.startswith("/sdapi") else OPENAI_FIELDS
-    match = re.match(r"(\w+)[=\s]", message)
+    match = re.match(r"(\w+)[=:\s]", message)
     name = match[1] if match else None
     if name in names:
         return names[name], names[name] + message[len(name):]

@@ -144,8 +144,10 @@ def openai_order(req: OpenAIImageRequest, base: SamplerConfig, default_size, max
 def sampler_config(base: SamplerConfig, sampler: str, param: str, **changes) -> SamplerConfig:
     try:
         return base.replace(sampler=sampler, **changes)
-    except ValueError as err:
-        raise InvalidRequest(param, str(err)) from err
+    except ValueError as err:  # names the SamplerConfig field: the sampler or a churn value
+        named = re.match(r"(\w+)=", str(err))
+        field = param if named is None or named[1] == "sampler" else named[1]
+        raise InvalidRequest(field, str(err)) from err
 
 
 def a1111_sampler(name: str) -> tuple[str, str, str | None]:
