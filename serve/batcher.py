@@ -91,8 +91,9 @@ class Batcher:
     """A queue of jobs and the one thread that runs them in batches of up to max_batch images."""
 
     def __init__(self, engine, max_batch: int = 8, batch_wait_ms: float = 10.0, max_queue: int = 64,
-                 timeout_s: float = 300.0, on_batch=None):
+                 timeout_s: float = 300.0, on_batch=None, output_type: str = "pil"):
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        self.output_type = output_type  # Engine.run's: PIL images, or "pt"/"np"/"latent" arrays
         self.batch_wait, self.timeout_s = batch_wait_ms / 1000, timeout_s
         self.on_batch = on_batch  # on_batch(images, seconds) after each batch, for metrics
         self.batches = self.images = 0
@@ -194,7 +195,7 @@ class Batcher:
             return
         start = time.perf_counter()
         try:
-            images = run_batch(self.engine, batch[0].key, batch)
+            images = run_batch(self.engine, batch[0].key, batch, self.output_type)
         except (LumenError, ValueError, TypeError) as err:
             if len(batch) > 1:  # one request's input is at fault: serve each alone to tell which
                 for job in batch:

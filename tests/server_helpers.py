@@ -33,7 +33,7 @@ class RunningServer:
         return self.app.state.batcher
 
     def client(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=120, **kw)
+        return httpx.Client(base_url=self.url, **{"timeout": 120, **kw})
 
     def stop(self) -> None:
         self.server.should_exit = True

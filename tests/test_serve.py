@@ -220,5 +220,10 @@ def test_http_requests_batch_and_each_image_equals_the_request_served_alone(eng,
         assert batching.batcher.mean_batch_size > 1
     finally:
         batching.stop()
+    # 8-bit PNGs of the same images: equal but for fp32 rounding across batch sizes (see
+    # test_serve_batching), which can move a pixel by one level.
     for got, want in zip(results, alone, strict=True):
-        assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            diff = np.abs(a.astype(int) - b.astype(int))
+            assert diff.max() <= 1 and (diff > 0).mean() < 0.01
