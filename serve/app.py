@@ -85,7 +85,7 @@ def create_app(engine, model_name: str = "lumen", warmup: bool = True, **limits)
         app.state.batcher = batcher
         try:
             if warmup:
-                await anyio.to_thread.run_sync(warm_up, engine)
+                await asyncio.wrap_future(batcher.call(lambda: warm_up(engine)))
             app.state.ready = True
             yield
         finally:
@@ -147,9 +147,9 @@ def a1111_info(body: A1111Txt2ImgRequest, order: Order, label: str, texts: list[
 async def generate(request: Request, engine, order: Order, limits: Limits) -> list:
     """Check the order with the engine, queue it, wait for its images (or time out, or drop it)."""
     request.state.images = len(order.seeds)
-    await anyio.to_thread.run_sync(check_with_engine, engine, order)
-    job = Job(order.key, order.prompts, order.negative_prompts, order.seeds)
     batcher: Batcher = request.app.state.batcher
+    await asyncio.wrap_future(batcher.call(lambda: check_with_engine(engine, order)))
+    job = Job(order.key, order.prompts, order.negative_prompts, order.seeds)
     future = asyncio.wrap_future(batcher.submit(job))
     deadline = job.created + limits.timeout_s
     while True:
