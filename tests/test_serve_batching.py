@@ -165,7 +165,7 @@ def test_sigterm_finishes_the_running_request_and_exits_0():
         port = s.getsockname()[1]
     env = {**os.environ, "LUMEN_API_KEY": "k"}
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port),
-                             "--batch-wait-ms", "300"], env=env, stdout=subprocess.PIPE,
+                             "--batch-wait-ms", "1000"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -175,7 +175,7 @@ def test_sigterm_finishes_the_running_request_and_exits_0():
             thread = threading.Thread(target=lambda: result.update(
                 r=c.post("/v1/images/generations", json={**BODY, "num_inference_steps": 10})))
             thread.start()
-            time.sleep(0.15)  # inside its batch wait
+            wait_until(lambda: "lumen_queue_images 1.0" in c.get("/metrics").text)  # in its batch wait
             proc.send_signal(signal.SIGTERM)
             thread.join(60)
         assert result["r"].status_code == 200 and len(result["r"].json()["data"]) == 1
