@@ -19,7 +19,7 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=25, help="num_inference_steps")
     p.add_argument("--guidance", type=float, default=7.5, help="guidance_scale (1 disables CFG)")
     p.add_argument("--rescale", type=float, default=0.7, help="guidance_rescale phi in [0, 1]")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]")
+    p.add_argument("--eta", type=float, default=0.0, help="eta in [0, 1] (ddim, euler_ancestral)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: ddim")
     p.add_argument("--spacing", choices=SPACINGS, default=None, help="default: trailing")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")

@@ -3,9 +3,10 @@
 Requests are compatible when they agree on everything that shapes the sampling loop (BatchKey):
 image size, steps, the SamplerConfig (sampler, spacing, churn), guidance scale (so CFG on/off),
 rescale and eta. Prompts, negative prompts and seeds may differ: every image draws its noise
-from its own generator, so it equals the image of the same request served alone. One worker
-thread per engine runs the batches one after another; each request gets its images back
-through its own future, never by its position in a queue.
+from its own generator, so it equals the image of the same request served alone (up to the
+fp32 rounding of batch-size-dependent BLAS kernels). One worker thread per engine runs the
+batches one after another, and every other use of the engine (`call`); each request gets its
+images back through its own future, never by its position in a queue.
 """
 import collections
 import concurrent.futures
