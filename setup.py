@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+SERVE = ["fastapi>=0.165", "uvicorn>=0.30", "pydantic>=2.5", "prometheus-client>=0.20"]
+
 setup(
     name="lumen-diffusion",
     version="0.1.0",
@@ -8,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*",
-                                    "export", "export.*", "benchmarks", "benchmarks.*"]),
+                                    "export", "export.*", "benchmarks", "benchmarks.*",
+                                    "serve", "serve.*"]),
     package_data={"engine": ["builtin/weights/*/*.json", "builtin/weights/*/*/*.json",
                              "builtin/weights/*/*/*.safetensors"]},
     install_requires=[
@@ -26,10 +29,13 @@ setup(
         "tensorrt": ["tensorrt>=10.0"],
         "kernels": ["triton>=3.0"],
         "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7"],
+        # FastAPI's own max_body_size (413 for large bodies) is recent, hence its bound.
+        "serve": SERVE,
         # tensorrt-stubs (type checking of export/trt_backend.py) must be installed with
         # --no-deps: its dependencies are TensorRT's CUDA wheels. .ci/run does that.
         "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "triton>=3.0", "matplotlib>=3.7",
-                 "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "mypy>=1.10"],
+                 "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "mypy>=1.10",
+                 *SERVE, "httpx>=0.27", "openai>=1.0"],
     },
     entry_points={"console_scripts": ["lumen=engine.cli:main"]},
 )

@@ -1,13 +1,15 @@
-"""`lumen bench ...`: the loop ablations (no subcommand), the brightness study, the GPU check."""
+"""`lumen bench ...`: the loop ablations (no subcommand), the brightness study, the GPU check,
+serving load."""
 
 
 def add_parsers(subparsers) -> None:
-    from . import brightness, gpu_check, report
+    from . import brightness, gpu_check, report, serve_load
 
     bench = subparsers.add_parser(
         "bench", help="cumulative ablations of the sampling loop, or a study",
         description="Cumulative ablations of one request's sampling loop (see "
-                    "benchmarks/ablation.py), `lumen bench brightness` or `lumen bench gpu`.")
+                    "benchmarks/ablation.py), `lumen bench brightness`, `lumen bench gpu` or "
+                    "`lumen bench serve`.")
     report.add_arguments(bench)
     bench.set_defaults(func=report.run)
     which = bench.add_subparsers(dest="bench", required=False)
@@ -18,3 +20,6 @@ def add_parsers(subparsers) -> None:
                                      "rows, graph soak, VAE (--dry-run: on CPU)")
     gpu_check.add_arguments(p)
     p.set_defaults(func=gpu_check.run)
+    p = which.add_parser("serve", help="lumen serve under 1, 4, 16 clients, batching on vs off")
+    serve_load.add_arguments(p)
+    p.set_defaults(func=serve_load.run)

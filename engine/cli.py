@@ -1,4 +1,4 @@
-"""The `lumen` command: generate images, build backend artifacts, run benchmarks."""
+"""The `lumen` command: generate images, build backend artifacts, serve, run benchmarks."""
 import argparse
 import sys
 import time
@@ -19,7 +19,7 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=25, help="num_inference_steps")
     p.add_argument("--guidance", type=float, default=7.5, help="guidance_scale (1 disables CFG)")
     p.add_argument("--rescale", type=float, default=0.7, help="guidance_rescale phi in [0, 1]")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]")
+    p.add_argument("--eta", type=float, default=0.0, help="eta in [0, 1] (ddim, euler_ancestral)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: ddim")
     p.add_argument("--spacing", choices=SPACINGS, default=None, help="default: trailing")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
@@ -71,8 +71,10 @@ def main(argv=None) -> int:
     add_generate_parser(subparsers)
     from benchmarks.cli import add_parsers
     from export.cli import add_build_parser
+    from serve.cli import add_serve_parser
 
     add_build_parser(subparsers)
+    add_serve_parser(subparsers)
     add_parsers(subparsers)
     args = parser.parse_args(argv)
     try:

@@ -10,7 +10,7 @@ from .errors import InvalidInputError, InvalidTypeError
 from .validation import check_choice, check_int, check_real
 
 PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
-SAMPLERS = ("ddim", "euler", "heun", "dpmpp_2m")
+SAMPLERS = ("ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m")
 
 # Fields that describe how the model was trained; they come from the model's own config.
 TRAINING_FIELDS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
@@ -20,6 +20,7 @@ TRAINING_FIELDS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_e
 _DIFFUSERS_SAMPLERS = {
     "DDIMScheduler": "ddim",
     "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral",
     "HeunDiscreteScheduler": "heun",
     "DPMSolverMultistepScheduler": "dpmpp_2m",
 }

@@ -83,7 +83,10 @@ def _negative(components, negative_prompt, negative_prompt_embeds, pos, width):
         negatives = negatives * batch
     if len(negatives) != batch:
         raise InvalidInputError(f"{len(negatives)} negative prompts for {batch} prompts; expected 1 or {batch}")
-    neg = _encode(components, negatives)
+    try:
+        neg = _encode(components, negatives)
+    except InvalidInputError as err:  # the tokenizer's message says "prompt": name which one
+        raise InvalidInputError(f"negative_prompt: {err}") from err
     if neg.shape != pos.shape:
         raise InvalidInputError(f"negative embeddings of shape {tuple(neg.shape)}; expected {tuple(pos.shape)}")
     return neg

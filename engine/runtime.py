@@ -132,6 +132,17 @@ class Engine:
         self.cuda_graph = cuda_graph
         self.graphs = graphs if graphs is not None else GraphCache()
 
+    def with_config(self, config: SamplerConfig) -> "Engine":
+        """A sibling engine sampling with `config`: it shares the model, runner and graph cache.
+
+        Use it to serve requests with different samplers from one loaded model without
+        changing this engine's `config` under other threads.
+        """
+        if not isinstance(config, SamplerConfig):
+            raise InvalidTypeError(f"config of type {type(config).__name__}; expected SamplerConfig")
+        return Engine(self.components, config, self.runner, self.device, self.dtype, self.backend,
+                      self.cuda_graph, self.graphs)
+
     def run(self, prompt=None, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
             num_inference_steps: int = 25, guidance_scale: float = 7.5, guidance_rescale: float = 0.7,
             eta: float = 0.0, generator=None, latents=None, height=None, width=None,
@@ -264,9 +275,10 @@ class Engine:
             raise InvalidInputError("guidance_scale=inf; expected a finite number >= 1")
         check_real("guidance_rescale", guidance_rescale, 0.0, 1.0)
         check_real("eta", eta, 0.0, 1.0)
-        if eta != 0 and self.config.sampler != "ddim":
+        if eta != 0 and self.config.sampler not in samplers.DDIM_FORM:
             raise InvalidInputError(f"eta={eta} with sampler={self.config.sampler!r}; eta is DDIM's "
-                                    "(expected 0 here); use SamplerConfig.s_churn for EDM samplers")
+                                    "and Euler ancestral's (expected 0 here); use "
+                                    "SamplerConfig.s_churn for EDM samplers")
         check_int("num_images_per_prompt", num_images, 1)
 
     def _latent_shape(self, batch: int, height, width) -> tuple:

@@ -1,4 +1,5 @@
-"""Samplers in x0 form, exact at zero terminal SNR: DDIM, EDM Euler/Heun, DPM-Solver++(2M).
+"""Samplers in x0 form, exact at zero terminal SNR: DDIM, EDM Euler/Heun, Euler ancestral,
+DPM-Solver++(2M).
 
 Each sampler is two pure functions: `plan_*` builds the run's coefficients on the host in
 float64 (branches on schedule values happen here, once), and `sample_*` is the loop, which only
@@ -36,8 +37,8 @@ class Plan:
 
     @property
     def needs_noise(self) -> bool:
-        """Whether any step draws fresh noise (DDIM with eta > 0, EDM churn)."""
-        column = {"ddim": 2, "euler": 1, "heun": 1}.get(self.sampler)
+        """Whether any step draws fresh noise (DDIM or Euler ancestral with eta > 0, EDM churn)."""
+        column = {"ddim": 2, "euler_ancestral": 2, "euler": 1, "heun": 1}.get(self.sampler)
         return column is not None and bool(self.coef[:, column].any())
 
     def to(self, device, dtype=torch.float32) -> "DevicePlan":
@@ -94,6 +95,27 @@ def ddim_update(x0: torch.Tensor, eps: torch.Tensor, z: torch.Tensor | None,
     """
     x_p = coef_i[0] * x0 + coef_i[1] * eps
     return x_p if z is None else x_p + coef_i[2] * z
+
+
+def plan_euler_ancestral(t: torch.Tensor, abar: torch.Tensor, eta: float) -> Plan:
+    """k-diffusion's sample_euler_ancestral in VP state; coef[i] = (a_p, eps weight, noise weight).
+
+    get_ancestral_step: sigma_up = min(sigma_p, eta*sqrt(sigma_p^2 (sigma^2 - sigma_p^2)/sigma^2)),
+    sigma_down = sqrt(sigma_p^2 - sigma_up^2); the Euler step to sigma_down in x0 form is
+    x0 + sigma_down*eps, plus sigma_up*z. Times a_p (VE -> VP) that is
+    x_p = a_p*x0 + sqrt(1 - abar_p - (a_p*sigma_up)^2)*eps + a_p*sigma_up*z, DDIM's form, so it
+    runs through DDIM's update. From sigma = inf (zero SNR) sigma_up -> eta*sigma_p, which the
+    float64 formula gives as is; at sigma_p = 0 (the final step) no noise is added.
+    """
+    sigma = schedules.sigmas_from_abar(abar)  # [S+1], inf at abar = 0, 0 at the target
+    sig, sig_p = sigma[:-1], sigma[1:]
+    sigma_up = torch.minimum(sig_p, eta * (sig_p**2 * (1 - sig_p**2 / sig**2)).sqrt())
+    abar_p = abar[1:]
+    c_noise = abar_p.sqrt() * sigma_up
+    # = a_p*sigma_down; written this way it is bit for bit Euler's sqrt(1 - abar_p) at eta = 0.
+    c_eps = (1 - abar_p - c_noise**2).clamp(min=0).sqrt()
+    return Plan("euler_ancestral", t, abar[:-1], torch.stack([abar_p.sqrt(), c_eps, c_noise], dim=1),
+                float(abar[0]))
 
 
 def sample_ddim(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor | None,
@@ -200,15 +222,18 @@ def sample_edm(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor |
 
 
 def make_plan(config: SamplerConfig, num_steps: int, eta: float = 0.0) -> Plan:
-    """The plan of `config.sampler` for num_steps steps (eta is DDIM's, 0 = deterministic)."""
+    """The plan of `config.sampler` for num_steps steps (eta: DDIM's or Euler ancestral's)."""
     t, abar = step_schedule(config, num_steps)
     if config.sampler == "ddim":
         return plan_ddim(t, abar, eta)
+    if config.sampler == "euler_ancestral":
+        return plan_euler_ancestral(t, abar, eta)
     if config.sampler == "dpmpp_2m":
         return plan_dpmpp_2m(t, abar)
     return plan_edm(t, abar, config, config.train_abar(), second_order=config.sampler == "heun")
 
 
+DDIM_FORM = ("ddim", "euler_ancestral")  # x_p = coef[0]*x0 + coef[1]*eps + coef[2]*z
 SAMPLE_FNS = {"dpmpp_2m": sample_dpmpp_2m, "euler": sample_edm, "heun": sample_edm}
 
 
@@ -216,9 +241,10 @@ def sample(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor | Non
            callback=None, ddim_step=None) -> torch.Tensor:
     """Run the plan's sampler from x (x_T) to the clean sample; callback(i) after each step.
 
-    ddim_step(x, i, z) -> x_p is DDIM's fused denoise + update; other samplers ignore it.
+    ddim_step(x, i, z) -> x_p is the fused denoise + DDIM-form update, which DDIM and Euler
+    ancestral use; other samplers ignore it.
     """
-    if plan.plan.sampler == "ddim":
+    if plan.plan.sampler in DDIM_FORM:
         return sample_ddim(denoise, x, plan, noise, callback, ddim_step)
     return SAMPLE_FNS[plan.plan.sampler](denoise, x, plan, noise, callback)
 

@@ -41,14 +41,6 @@ OUTSIDE_PATTERNS = {
     "absolute path on a development machine": re.compile(r"(?<![\w.~-])" + re.escape(_ROOT)),
 }
 
-# Cited names that other packages are about to add: while one is missing its case is an xfail
-# (reason given); once it exists the case must pass, and the entry can be deleted.
-PENDING = {
-    "engine.samplers.plan_euler_ancestral": "the euler_ancestral sampler is not merged yet",
-    "tests/test_euler_ancestral.py": "the euler_ancestral sampler is not merged yet",
-    "serve.create_app": "the serve package is not merged yet",
-    "serve/": "the serve package is not merged yet",
-}
 
 
 def rel(path: Path) -> str:
@@ -283,8 +275,6 @@ def _case(page: str, name: str):
 
 @pytest.mark.parametrize("page,name", [_case(p, n) for p, n in CITED])
 def test_cited_name_exists(page, name):
-    if name in PENDING and not resolves(name):
-        pytest.xfail(PENDING[name])
     assert resolves(name), f"{page} cites `{name}`, which does not exist"
 
 

@@ -12,7 +12,7 @@ from engine.samplers import make_plan
 
 from conftest import oracle_engine
 
-SAMPLERS = ["ddim", "euler", "heun", "dpmpp_2m"]
+SAMPLERS = ["ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m"]
 
 
 def run_oracle(config, S, eta=0.0, batch=2, seed=0, dtype=torch.float32):
@@ -48,10 +48,11 @@ def test_oracle_output_is_x0_for_epsilon_without_zero_snr():
         torch.testing.assert_close(out, x0.expand_as(out), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "euler_ancestral"])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-def test_ddim_never_produces_nan(eta):
+def test_stochastic_samplers_never_produce_nan(sampler, eta):
     for S in [*range(1, 51), 999]:
-        out, x0, _ = run_oracle(SamplerConfig(), S, eta=eta, batch=1)
+        out, x0, _ = run_oracle(SamplerConfig(sampler=sampler), S, eta=eta, batch=1)
         assert bool(torch.isfinite(out).all()), S
         torch.testing.assert_close(out, x0, rtol=0, atol=1e-5)
 

@@ -1,0 +1,211 @@
+"""The FastAPI app: OpenAI and AUTOMATIC1111 image endpoints over one engine and its batcher."""
+import asyncio
+import json
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from engine import InvalidInputError, LumenError
+
+from . import errors
+from .batcher import Batcher, BatchKey, Job, ModelError, run_batch
+from .http import AuthMiddleware, Metrics, MetricsMiddleware
+from .output import encode, infotext
+from .schemas import (A1111_SAMPLERS, A1111_SCHEDULERS, A1111Txt2ImgRequest, InvalidRequest,
+                      OpenAIImageRequest, Order, a1111_order, openai_order)
+
+OPENAI_IMAGES, A1111_TXT2IMG = "/v1/images/generations", "/sdapi/v1/txt2img"
+ENDPOINTS = (OPENAI_IMAGES, A1111_TXT2IMG, "/v1/models", "/sdapi/v1/samplers",
+             "/sdapi/v1/schedulers", "/sdapi/v1/sd-models", "/health", "/metrics")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one server accepts; see `lumen serve --help`."""
+
+    max_batch: int = 8  # images per Engine.run
+    batch_wait_ms: float = 10.0  # how long the oldest request waits for company
+    max_queue: int = 64  # images waiting; past it, 429
+    timeout_s: float = 300.0  # request age past which it gets 504
+    max_pixels: int = 1024 * 1024  # width x height of one image
+    max_images: int | None = None  # images per request (default and at most max_batch)
+    max_body_bytes: int = 1 << 20
+    api_key: str | None = None
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_queue", "max_pixels", "max_body_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"{name}={value!r}; expected an integer >= 1")
+        if self.max_images is not None and not 1 <= self.max_images <= self.max_batch:
+            raise InvalidInputError(f"max_images={self.max_images}; expected 1 to max_batch="
+                                    f"{self.max_batch} (a request never spans two batches)")
+        if not (self.batch_wait_ms >= 0 and self.timeout_s > 0):
+            raise InvalidInputError(f"batch_wait_ms={self.batch_wait_ms}, timeout_s={self.timeout_s}; "
+                                    "expected batch_wait_ms >= 0 and timeout_s > 0")
+        if self.api_key is not None and not self.api_key:
+            raise InvalidInputError("api_key=''; expected a non-empty key or None")
+
+    @property
+    def images_per_request(self) -> int:
+        return self.max_images or self.max_batch
+
+
+def default_size(engine) -> tuple[int, int]:
+    """(width, height) the model was trained at."""
+    size = engine.components.unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    side = size * engine.components.vae_scale_factor
+    return side, side
+
+
+def warm_up(engine) -> None:
+    """One small batch through the whole path (text encoder, loop, decode) before serving."""
+    width, height = default_size(engine)
+    key = BatchKey(height, width, 2, engine.config, 7.5, 0.7, 0.0)
+    run_batch(engine, key, [Job(key, ("",), ("",), (0,))])
+
+
+def create_app(engine, model_name: str = "lumen", warmup: bool = True, **limits) -> FastAPI:
+    """The ASGI app serving `engine`; limits are Limits' fields. Serve it with uvicorn."""
+    limits = Limits(**limits)
+    metrics = Metrics(limits.max_batch)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher = Batcher(engine, limits.max_batch, limits.batch_wait_ms, limits.max_queue,
+                          limits.timeout_s, on_batch=metrics.on_batch)
+        metrics.queue.set_function(lambda: batcher.waiting_images)
+        app.state.batcher = batcher
+        try:
+            if warmup:
+                await asyncio.wrap_future(batcher.call(lambda: warm_up(engine)))
+            app.state.ready = True
+            yield
+        finally:
+            app.state.ready = False  # uvicorn has stopped accepting: drain what is queued
+            await anyio.to_thread.run_sync(batcher.stop)
+
+    app = FastAPI(title="Lumen", lifespan=lifespan, max_body_size=limits.max_body_bytes)
+    app.state.ready, app.state.metrics, app.state.limits = False, metrics, limits
+    errors.install(app)
+    add_image_routes(app, engine, model_name, limits)
+    add_info_routes(app, model_name, metrics)
+    if limits.api_key is not None:
+        app.add_middleware(AuthMiddleware, api_key=limits.api_key)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=ENDPOINTS)  # outermost
+    return app
+
+
+def add_image_routes(app: FastAPI, engine, model_name: str, limits: Limits) -> None:
+    size = default_size(engine)
+
+    @app.post(OPENAI_IMAGES)
+    async def openai_images(body: OpenAIImageRequest, request: Request):
+        if body.model not in (None, model_name):
+            raise InvalidRequest("model", f"model={body.model!r}; this server serves only "
+                                          f"{model_name!r}")
+        order = openai_order(body, engine.config, size, limits.max_pixels, limits.images_per_request)
+        images = await generate(request, engine, order, limits)
+        texts = [infotext(p, n, order.key, s, model_name)
+                 for p, n, s in zip(order.prompts, order.negative_prompts, order.seeds)]
+        pngs = await anyio.to_thread.run_sync(encode, images, texts)
+        return {"created": int(time.time()),
+                "data": [{"b64_json": png, "seed": seed} for png, seed in zip(pngs, order.seeds)]}
+
+    @app.post(A1111_TXT2IMG)
+    async def txt2img(body: A1111Txt2ImgRequest, request: Request):
+        order, label = a1111_order(body, engine.config, limits.max_pixels, limits.images_per_request)
+        images = await generate(request, engine, order, limits)
+        texts = [infotext(p, n, order.key, s, model_name)
+                 for p, n, s in zip(order.prompts, order.negative_prompts, order.seeds)]
+        pngs = await anyio.to_thread.run_sync(encode, images, texts)
+        info = a1111_info(body, order, label, texts, model_name)
+        return {"images": pngs, "parameters": body.model_dump(), "info": json.dumps(info)}
+
+
+def a1111_info(body: A1111Txt2ImgRequest, order: Order, label: str, texts: list[str],
+               model_name: str) -> dict:
+    """A1111's info: a JSON string with the seeds used and the settings."""
+    key = order.key
+    return {"prompt": body.prompt, "all_prompts": list(order.prompts),
+            "negative_prompt": body.negative_prompt, "all_negative_prompts": list(order.negative_prompts),
+            "seed": order.seeds[0], "all_seeds": list(order.seeds), "subseed": -1,
+            "all_subseeds": [-1] * len(order.seeds), "width": key.width, "height": key.height,
+            "sampler_name": label, "scheduler": body.scheduler or "Automatic", "steps": key.steps,
+            "cfg_scale": key.guidance_scale, "guidance_rescale": key.guidance_rescale, "eta": key.eta,
+            "batch_size": body.batch_size, "n_iter": body.n_iter, "sd_model_name": model_name,
+            "infotexts": texts, "index_of_first_image": 0, "timestep_spacing": key.config.timestep_spacing}
+
+
+async def generate(request: Request, engine, order: Order, limits: Limits) -> list:
+    """Check the order with the engine, queue it, wait for its images (or time out, or drop it)."""
+    request.state.images = len(order.seeds)
+    batcher: Batcher = request.app.state.batcher
+    await asyncio.wrap_future(batcher.call(lambda: check_with_engine(engine, order)))
+    job = Job(order.key, order.prompts, order.negative_prompts, order.seeds)
+    future = asyncio.wrap_future(batcher.submit(job))
+    deadline = job.created + limits.timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            job.cancel()
+            raise TimeoutError(f"request took longer than timeout_s={limits.timeout_s}")
+        done, _ = await asyncio.wait({future}, timeout=min(0.25, remaining))
+        if done:
+            return future.result()
+        if await request.is_disconnected():
+            job.cancel()
+            raise errors.Disconnected("client disconnected before its images were ready")
+
+
+def check_with_engine(engine, order: Order) -> None:
+    """The engine's own checks of the request (values, prompts), before any UNet call."""
+    key = order.key
+    try:
+        engine.with_config(key.config).prepare(
+            prompt=list(order.prompts), negative_prompt=list(order.negative_prompts) if key.cfg else None,
+            num_inference_steps=key.steps, guidance_scale=key.guidance_scale,
+            guidance_rescale=key.guidance_rescale, eta=key.eta, height=key.height, width=key.width,
+            generator=[torch.Generator() for _ in order.seeds])
+    except LumenError:
+        raise
+    except (RuntimeError, MemoryError) as err:
+        raise ModelError(f"{type(err).__name__}: {err}") from err
+
+
+def add_info_routes(app: FastAPI, model_name: str, metrics: Metrics) -> None:
+    @app.get("/health")
+    async def health(request: Request):
+        if not request.app.state.ready:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "lumen"}]}
+
+    @app.get("/sdapi/v1/samplers")
+    async def samplers():
+        return [{"name": label, "aliases": aliases, "options": {}}
+                for label, (_, aliases) in A1111_SAMPLERS.items()]
+
+    @app.get("/sdapi/v1/schedulers")
+    async def schedulers():
+        return [{"name": label.lower(), "label": label} for label in A1111_SCHEDULERS]
+
+    @app.get("/sdapi/v1/sd-models")
+    async def sd_models():
+        return [{"title": model_name, "model_name": model_name, "hash": None, "sha256": None,
+                 "filename": model_name, "config": None}]
+

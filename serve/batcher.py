@@ -1,0 +1,264 @@
+"""Dynamic batching: compatible requests that arrive within a short wait run as one Engine.run.
+
+Requests are compatible when they agree on everything that shapes the sampling loop (BatchKey):
+image size, steps, the SamplerConfig (sampler, spacing, churn), guidance scale (so CFG on/off),
+rescale and eta. Prompts, negative prompts and seeds may differ: every image draws its noise
+from its own generator, so it equals the image of the same request served alone (up to the
+fp32 rounding of batch-size-dependent BLAS kernels). One worker thread per engine runs the
+batches one after another, and every other use of the engine (`call`); each request gets its
+images back through its own future, never by its position in a queue.
+"""
+import collections
+import concurrent.futures
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine import LumenError, SamplerConfig
+
+
+class QueueFullError(Exception):
+    """Admission refused: too many images are waiting; retry_after is a guess in seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelError(Exception):
+    """The model failed on a batch (out of memory, a runtime error); the server keeps serving."""
+
+
+class DroppedError(Exception):
+    """The request left before its batch started (client gone or server stopping)."""
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What shapes the loop: requests with equal keys can share one Engine.run."""
+
+    height: int
+    width: int
+    steps: int
+    config: SamplerConfig  # sampler, spacing and churn
+    guidance_scale: float  # 1 means CFG off
+    guidance_rescale: float
+    eta: float
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale != 1
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: its images' prompts and seeds, and the future its images come back on."""
+
+    key: BatchKey
+    prompts: tuple[str, ...]  # one per image
+    negative_prompts: tuple[str, ...]  # one per image
+    seeds: tuple[int, ...]  # one per image
+    created: float = field(default_factory=time.monotonic)
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+    def __post_init__(self):
+        assert len(self.prompts) == len(self.negative_prompts) == len(self.seeds) > 0
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    def cancel(self) -> None:
+        """Drop the job unless its batch already started (then its result is discarded)."""
+        self.future.cancel()
+
+
+def run_batch(engine, key: BatchKey, jobs: list[Job], output_type: str = "pil") -> list:
+    """One Engine.run for all the jobs' images, in job order; image i uses seed i's generator."""
+    prompts = [p for job in jobs for p in job.prompts]
+    negatives = [p for job in jobs for p in job.negative_prompts]
+    generators = [torch.Generator().manual_seed(s) for job in jobs for s in job.seeds]
+    return engine.with_config(key.config).run(
+        prompt=prompts, negative_prompt=negatives if key.cfg else None, generator=generators,
+        num_inference_steps=key.steps, guidance_scale=key.guidance_scale,
+        guidance_rescale=key.guidance_rescale, eta=key.eta, height=key.height, width=key.width,
+        output_type=output_type).images
+
+
+class Batcher:
+    """A queue of jobs and the one thread that runs them in batches of up to max_batch images."""
+
+    def __init__(self, engine, max_batch: int = 8, batch_wait_ms: float = 10.0, max_queue: int = 64,
+                 timeout_s: float = 300.0, on_batch=None, output_type: str = "pil"):
+        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        self.output_type = output_type  # Engine.run's: PIL images, or "pt"/"np"/"latent" arrays
+        self.batch_wait, self.timeout_s = batch_wait_ms / 1000, timeout_s
+        self.on_batch = on_batch  # on_batch(images, seconds) after each batch, for metrics
+        self.batches = self.images = 0
+        self._queue: collections.deque[Job] = collections.deque()
+        self._calls: collections.deque = collections.deque()  # (fn, future), run before batches
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._last_batch_s = 1.0
+        self._thread = threading.Thread(target=self._work, name="lumen-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def waiting_images(self) -> int:
+        with self._cond:
+            return sum(job.n for job in self._queue)
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.images / self.batches if self.batches else 0.0
+
+    def submit(self, job: Job) -> concurrent.futures.Future:
+        """Queue a job; raises QueueFullError past max_queue waiting images or when stopping."""
+        with self._cond:
+            waiting = sum(j.n for j in self._queue)
+            if self._stopping or waiting + job.n > self.max_queue:
+                batches_ahead = math.ceil((waiting + job.n) / self.max_batch)
+                raise QueueFullError(f"{waiting} images are waiting (max_queue={self.max_queue})",
+                                     max(1, math.ceil(batches_ahead * self._last_batch_s)))
+            self._queue.append(job)
+            self._cond.notify_all()
+        return job.future
+
+    def call(self, fn) -> concurrent.futures.Future:
+        """Run fn() on the worker thread, ahead of the next batch.
+
+        All the engine's torch work belongs on this one thread: with OpenMP, torch ops on a
+        second live thread that already ran parallel regions slow each other down (measured
+        2.5x on the built-in model, 2 CPU cores).
+        """
+        future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise QueueFullError("the server is stopping", 1)
+            self._calls.append((fn, future))
+            self._cond.notify_all()
+        return future
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuse new jobs, finish the queued and running ones, end the worker thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run_calls()
+            self._run(batch)
+
+    def _run_calls(self) -> None:
+        while True:
+            with self._cond:
+                if not self._calls:
+                    return
+                fn, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as err:  # noqa: BLE001 - the caller gets it
+                    future.set_exception(err)
+
+    def _next_batch(self) -> list[Job] | None:
+        """The oldest job plus the compatible jobs behind it, once its wait is over or it is full."""
+        with self._cond:
+            while True:
+                self._drop_stale()
+                if self._calls:
+                    return []  # run the calls first, then come back for a batch
+                if not self._queue:
+                    if self._stopping:
+                        return None
+                    self._cond.wait()
+                    continue
+                head = self._queue[0]
+                batch = [j for j in self._queue if j.key == head.key]
+                images = self._fit(batch)
+                remaining = head.created + self.batch_wait - time.monotonic()
+                if remaining <= 0 or images >= self.max_batch or self._stopping:
+                    break
+                self._cond.wait(remaining)
+            return self._take(batch)
+
+    def _fit(self, candidates: list[Job]) -> int:
+        total = 0
+        for job in candidates:
+            if total + job.n > self.max_batch:
+                break
+            total += job.n
+        return total
+
+    def _take(self, candidates: list[Job]) -> list[Job]:
+        """Remove the jobs that fit in one batch (FIFO), marking their futures as running."""
+        batch, total = [], 0
+        for job in candidates:
+            if total + job.n > self.max_batch:
+                break
+            self._queue.remove(job)
+            if job.future.set_running_or_notify_cancel():
+                batch.append(job)
+                total += job.n
+        return batch
+
+    def _drop_stale(self) -> None:
+        """Jobs whose client left, or that waited past timeout_s, leave the queue unrun."""
+        now = time.monotonic()
+        for job in list(self._queue):
+            if job.future.cancelled():
+                self._queue.remove(job)
+            elif now - job.created > self.timeout_s:
+                self._queue.remove(job)
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(TimeoutError(
+                        f"request waited {now - job.created:.1f} s; timeout_s={self.timeout_s}"))
+
+    def _run(self, batch: list[Job]) -> None:
+        if not batch:
+            return
+        start = time.perf_counter()
+        try:
+            images = run_batch(self.engine, batch[0].key, batch, self.output_type)
+        except (LumenError, ValueError, TypeError) as err:
+            if len(batch) > 1:  # one request's input is at fault: serve each alone to tell which
+                for job in batch:
+                    self._run_alone(job)
+                return
+            batch[0].future.set_exception(err)
+            return
+        except Exception as err:  # noqa: BLE001 - out of memory or a model failure: report it
+            failure = ModelError(f"{type(err).__name__}: {err}")
+            for job in batch:
+                job.future.set_exception(failure)
+            return
+        seconds = time.perf_counter() - start
+        self._record(len(images), seconds)
+        offset = 0
+        for job in batch:
+            job.future.set_result(images[offset:offset + job.n])
+            offset += job.n
+
+    def _run_alone(self, job: Job) -> None:
+        retry = Job(job.key, job.prompts, job.negative_prompts, job.seeds, job.created)
+        retry.future.set_running_or_notify_cancel()
+        self._run([retry])
+        try:
+            job.future.set_result(retry.future.result())
+        except Exception as err:  # noqa: BLE001 - hand the job its own error
+            job.future.set_exception(err)
+
+    def _record(self, images: int, seconds: float) -> None:
+        self.batches += 1
+        self.images += images
+        self._last_batch_s = seconds
+        if self.on_batch is not None:
+            self.on_batch(images, seconds)

@@ -1,0 +1,97 @@
+"""ASGI middleware of the server: metrics per request and the API key (FastAPI limits the body)."""
+import hmac
+import json
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+OPEN_PATHS = ("/health",)  # reachable without the API key
+ERROR_KINDS = {400: "bad_request", 401: "auth", 404: "not_found", 405: "method", 413: "too_large",
+               422: "invalid", 429: "queue_full", 499: "disconnected", 500: "internal",
+               503: "model", 504: "timeout"}
+
+
+class Metrics:
+    """The server's prometheus metrics, in a registry of its own (one per app)."""
+
+    def __init__(self, max_batch: int):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("lumen_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.images = Counter("lumen_images", "Images asked for, by endpoint and response status",
+                              ["endpoint", "status"], registry=r)
+        self.errors = Counter("lumen_errors", "Failed requests by kind of error", ["kind"], registry=r)
+        self.queue = Gauge("lumen_queue_images", "Images waiting for a batch", registry=r)
+        self.batch_images = Histogram("lumen_batch_images", "Images per Engine.run batch",
+                                      buckets=[float(b) for b in range(1, max_batch + 1)], registry=r)
+        self.batch_seconds = Histogram("lumen_batch_seconds", "Seconds per Engine.run batch",
+                                       buckets=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120],
+                                       registry=r)
+        self.latency = Histogram("lumen_request_seconds", "Request latency by endpoint", ["endpoint"],
+                                 buckets=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300],
+                                 registry=r)
+
+    def on_batch(self, images: int, seconds: float) -> None:
+        self.batch_images.observe(images)
+        self.batch_seconds.observe(seconds)
+
+
+async def send_json(send, status: int, body: dict, headers: dict | None = None) -> None:
+    """A complete JSON response from middleware."""
+    data = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
+
+
+def error_body(message: str, kind: str, param: str | None = None) -> dict:
+    """OpenAI's error shape, which its client and A1111 clients both print."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+class MetricsMiddleware:
+    """Counts every request and its images by endpoint and status, and times it."""
+
+    def __init__(self, app, metrics: Metrics, endpoints: tuple[str, ...]):
+        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
+        status = [500]
+        start = time.perf_counter()
+
+        async def record_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            labels = (endpoint, str(status[0]))
+            self.metrics.requests.labels(*labels).inc()
+            images = scope.get("state", {}).get("images")
+            if images:
+                self.metrics.images.labels(*labels).inc(images)
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            if status[0] >= 400:
+                self.metrics.errors.labels(ERROR_KINDS.get(status[0], str(status[0]))).inc()
+
+
+class AuthMiddleware:
+    """`Authorization: Bearer KEY` on every path but /health, compared in constant time."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                return await send_json(send, 401, error_body(
+                    "missing or wrong API key; expected the header 'Authorization: Bearer KEY'",
+                    "authentication_error"), {"www-authenticate": "Bearer"})
+        await self.app(scope, receive, send)
