@@ -145,10 +145,15 @@ def build_app(args: dict) -> "serve.Application":
     options = deployment_options(limits, int(args.get("replicas", 1)), autoscale, gpus,
                                  float(args.get("cpus", 1.0)))
     threads = args.get("threads")
+    threads = int(threads) if threads is not None else (None if gpus else cpu_threads(options))
     return LumenDeployment.options(**options).bind(
         model=args.get("model", "default"), backend=args.get("backend", "torch"), device=device,
-        threads=int(threads) if threads is not None else None,
-        limits=dataclasses.asdict(limits))
+        threads=threads, limits=dataclasses.asdict(limits))
+
+
+def cpu_threads(options: dict) -> int:
+    """torch threads of a CPU replica: its whole CPUs, at least one."""
+    return max(1, int(options["ray_actor_options"]["num_cpus"]))
 
 
 def env_args() -> dict:
@@ -165,11 +170,12 @@ def run_ray(args) -> int:
     address = os.environ.get("RAY_ADDRESS") or "local"
     limits = Limits(**limits_from(args))
     autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
+    deployment_options(limits, args.replicas or 1, autoscale, False, args.replica_cpus)  # checks
     ray.init(address=address)
     try:
         gpus = args.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
         options = deployment_options(limits, args.replicas or 1, autoscale, gpus, args.replica_cpus)
-        threads = None if gpus else max(1, int(args.replica_cpus))
+        threads = None if gpus else cpu_threads(options)
         serve.start(http_options={"host": args.host, "port": args.port})
         deployment = LumenDeployment.options(**options).bind(
             model=args.model, backend=args.backend, device=args.device, threads=threads,

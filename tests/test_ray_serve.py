@@ -1,13 +1,19 @@
 """Lumen on a real local Ray Serve: two replicas behind one endpoint, a replica killed mid-load."""
 import concurrent.futures
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
+import yaml
 
 try:
     import ray
@@ -22,13 +28,14 @@ from serve.ray_app import (APP_NAME, REPLICA_HEADER, LumenDeployment, build_app,
                            deployment_options, parse_autoscale)
 
 from server_helpers import RunningServer
-from test_serve import BAD, PATHS, PROMPTS, pixels, post
+from test_serve import BAD, PROMPTS, pixels, post
 
 # max_batch=1: every request runs alone, on a replica as on the single server, so the images
 # are equal bit for bit (batch composition, which moves fp32 rounding, cannot differ).
 LIMITS = dict(max_batch=1, batch_wait_ms=0, max_queue=16, max_pixels=64 * 64)
 REPLICAS = 2
 DEADLINE_S = 120  # every wait below is bounded by this
+REPO = Path(__file__).resolve().parents[1]
 
 
 def body(seed: int) -> dict:
@@ -39,6 +46,55 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_lumen_serve_ray_deploys_serves_and_exits_0_on_sigterm():
+    # First in this file: it runs its own local Ray before the module's Ray starts.
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "serve", "--ray", "--replicas", "1", "--replica-cpus",
+         "1", "--port", str(port), "--max-batch", "1"], cwd=REPO, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        ready = wait_for_line(proc, "lumen serve --ray:")
+        assert "1 replica(s) (1 CPU each)" in ready and f"http://127.0.0.1:{port}" in ready
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            r = post(c, "openai", body(7))
+        assert r.status_code == 200 and r.headers[REPLICA_HEADER], r.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(DEADLINE_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+def wait_for_line(proc: subprocess.Popen, start: str) -> str:
+    """The first stdout line that starts with start, within DEADLINE_S (a reader thread)."""
+    found: list[str] = []
+
+    def read():
+        for line in proc.stdout:
+            if line.startswith(start):
+                found.append(line)
+                return
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(DEADLINE_S)
+    assert found, f"no {start!r} line within {DEADLINE_S} s (exit code {proc.poll()})"
+    return found[0]
+
+
+def test_the_serve_config_yaml_is_a_valid_serve_config_for_build_app():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((REPO / "serve" / "serve_config.yaml").read_text())
+    (application,) = ServeDeploySchema.model_validate(config).applications
+    assert application.import_path == "serve.ray_app:build_app"
+    deployment = build_app(application.args)._bound_deployment
+    assert deployment.name == application.deployments[0].name == "LumenDeployment"
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 4
 
 
 @pytest.fixture(scope="module")
