@@ -269,3 +269,14 @@ def test_build_app_reads_serve_run_arguments():
         build_app({"replica_count": 2})
     with pytest.raises(InvalidInputError, match="max_batch='many'; expected a number"):
         build_app({"max_batch": "many"})
+
+
+def test_lumen_serve_rejects_bad_scaling_before_starting_ray(capsys):
+    from engine.cli import main
+
+    assert main(["serve", "--replicas", "2"]) == 2
+    assert "--replicas and --autoscale need --ray" in capsys.readouterr().err
+    assert main(["serve", "--ray", "--autoscale", "3:1"]) == 2
+    assert "autoscale='3:1'; expected MIN:MAX" in capsys.readouterr().err
+    assert main(["serve", "--ray", "--replicas", "0"]) == 2
+    assert "replicas=0; expected an integer >= 1" in capsys.readouterr().err
