@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterator
 import filelock
 import torch
 
+from engine.errors import InvalidInputError
+
 ENV_VAR = "LUMEN_CACHE_DIR"
 SIDECAR_FORMAT = 1
 LOCK_TIMEOUT_S = 4 * 3600.0  # longer than any TensorRT build of a large UNet
@@ -93,7 +95,7 @@ class ArtifactCache:
 
     def __init__(self, root: str | os.PathLike | None = None, lock_timeout_s: float = LOCK_TIMEOUT_S):
         if not lock_timeout_s > 0:
-            raise ValueError(f"lock_timeout_s={lock_timeout_s!r}; expected seconds > 0")
+            raise InvalidInputError(f"lock_timeout_s={lock_timeout_s!r}; expected seconds > 0")
         self.root = cache_root(root)
         self.lock_timeout_s = lock_timeout_s
 
@@ -111,8 +113,9 @@ class ArtifactCache:
         entry looked up again, since another process may have built it in the meantime.
         """
         key = key_of(fields)
-        if self.sidecar(key).exists() and self._verify(key, fields, self.sidecar(key)) is None:
-            return self.entry_dir(key), True
+        found = self.find(key, fields)
+        if found is not None:
+            return found, True
         with self.lock(key):
             found = self.lookup(key, fields)
             if found is not None:
@@ -136,6 +139,17 @@ class ArtifactCache:
             yield
         finally:
             held.release()
+
+    def find(self, key: str, fields: dict[str, Any]) -> Path | None:
+        """The entry dir if it is complete and verifies, else None; changes nothing (no lock).
+
+        An invalid entry is left for lookup to drop, under the lock: dropping it here could
+        delete the entry another process is renaming into place.
+        """
+        sidecar = self.sidecar(key)
+        if sidecar.exists() and self._verify(key, fields, sidecar) is None:
+            return self.entry_dir(key)
+        return None
 
     def lookup(self, key: str, fields: dict[str, Any]) -> Path | None:
         """The entry dir if its sidecar and every file check out; else None (bad entries dropped)."""

@@ -170,18 +170,19 @@ def run_ray(args) -> int:
     address = os.environ.get("RAY_ADDRESS") or "local"
     limits = Limits(**limits_from(args))
     autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
-    deployment_options(limits, args.replicas or 1, autoscale, False, args.replica_cpus)  # checks
+    replicas = 1 if args.replicas is None else args.replicas
+    deployment_options(limits, replicas, autoscale, False, args.replica_cpus)  # checks, before Ray
     ray.init(address=address)
     try:
         gpus = args.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
-        options = deployment_options(limits, args.replicas or 1, autoscale, gpus, args.replica_cpus)
+        options = deployment_options(limits, replicas, autoscale, gpus, args.replica_cpus)
         threads = None if gpus else cpu_threads(options)
         serve.start(http_options={"host": args.host, "port": args.port})
         deployment = LumenDeployment.options(**options).bind(
             model=args.model, backend=args.backend, device=args.device, threads=threads,
             limits=dataclasses.asdict(limits))
         serve.run(deployment, name=APP_NAME, route_prefix="/")  # returns once replicas are up
-        scale = f"{autoscale[0]}-{autoscale[1]}" if autoscale else str(args.replicas or 1)
+        scale = f"{autoscale[0]}-{autoscale[1]}" if autoscale else str(replicas)
         print(f"lumen serve --ray: {model_label(args.model)}, {scale} replica(s) "
               f"({'1 GPU' if gpus else f'{args.replica_cpus:g} CPU'} each) on "
               f"http://{args.host}:{args.port}", flush=True)

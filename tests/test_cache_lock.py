@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.errors import InvalidInputError
 from export.cache import ArtifactCache, CacheLockTimeout, key_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,6 +93,6 @@ def test_a_live_holder_past_lock_timeout_gets_an_error_naming_the_lock(tmp_path)
 
 
 def test_lock_timeout_must_be_positive(tmp_path):
-    with pytest.raises(ValueError, match="lock_timeout_s=0; expected seconds > 0"):
+    with pytest.raises(InvalidInputError, match="lock_timeout_s=0; expected seconds > 0"):
         ArtifactCache(tmp_path, lock_timeout_s=0)
 
