@@ -1,6 +1,8 @@
 from setuptools import find_packages, setup
 
 SERVE = ["fastapi>=0.165", "uvicorn>=0.30", "pydantic>=2.5", "prometheus-client>=0.20"]
+# 2.56 added late-bound ingress (__serve_build_asgi_app__): each replica builds its own app.
+RAY = [*SERVE, "ray[serve]>=2.56"]
 
 setup(
     name="lumen-diffusion",
@@ -22,6 +24,7 @@ setup(
         "numpy>=1.24",
         "pillow>=9.0",
         "tqdm>=4.60",
+        "filelock>=3.12",  # the artifact cache's build lock
     ],
     extras_require={
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"],
@@ -31,11 +34,12 @@ setup(
         "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7"],
         # FastAPI's own max_body_size (413 for large bodies) is recent, hence its bound.
         "serve": SERVE,
+        "ray": RAY,
         # tensorrt-stubs (type checking of export/trt_backend.py) must be installed with
         # --no-deps: its dependencies are TensorRT's CUDA wheels. .ci/run does that.
         "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "triton>=3.0", "matplotlib>=3.7",
                  "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "mypy>=1.10",
-                 *SERVE, "httpx>=0.27", "openai>=1.0"],
+                 *RAY, "httpx>=0.27", "openai>=1.0"],
     },
     entry_points={"console_scripts": ["lumen=engine.cli:main"]},
 )

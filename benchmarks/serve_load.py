@@ -2,9 +2,13 @@
 
 Starts `lumen serve` itself (a subprocess per mode: --max-batch N for "on", 1 for "off"), lets
 each client send OpenAI image requests back to back, and reports images/s, p50 and p99 request
-latency and the mean batch size the server ran (from its /metrics). Writes serve-load.json.
+latency and the mean batch size the server ran (from its /metrics, summed over replicas).
+With --ray, the modes are the single-process server and `lumen serve --ray --replicas N` for
+each N of --replicas (batching on in all; each replica gets an equal share of the CPUs on a
+CPU host). Writes serve-load.json (serve-load-ray.json with --ray).
 
     lumen bench serve --steps 25 --out benchmarks/results
+    lumen bench serve --ray --replicas 1 2 --clients 16 --out benchmarks/results
 """
 import json
 import os
@@ -19,7 +23,7 @@ from pathlib import Path
 
 PROMPTS = ["a red circle on a solid black background", "a white square on a solid white background",
            "a blue triangle on a solid gray background", "a yellow circle on a solid black background"]
-COLUMNS = (("batching", "{}", 8), ("clients", "{}", 7), ("requests", "{}", 8), ("images_per_s", "{:.2f}", 12),
+COLUMNS = (("server", "{}", 8), ("batching", "{}", 8), ("clients", "{}", 7), ("requests", "{}", 8), ("images_per_s", "{:.2f}", 12),
            ("p50_ms", "{:.0f}", 8), ("p99_ms", "{:.0f}", 8), ("mean_batch", "{:.2f}", 10))
 
 
@@ -27,6 +31,7 @@ COLUMNS = (("batching", "{}", 8), ("clients", "{}", 7), ("requests", "{}", 8), (
 class Result:
     """One row: a mode and a client count."""
 
+    server: str  # "single", or "ray xN" for N replicas
     batching: str
     clients: int
     requests: int
@@ -45,17 +50,25 @@ def add_arguments(parser) -> None:
                         help="requests each client sends (at least 8 in all per row)")
     parser.add_argument("--max-batch", type=int, default=8, help="the 'on' mode's batch limit")
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
+    parser.add_argument("--ray", action="store_true",
+                        help="compare the single-process server with Ray Serve replicas")
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2],
+                        help="with --ray: the replica counts to measure")
     parser.add_argument("--out", default=".", help="folder for serve-load.json")
 
 
-def start_server(model: str, max_batch: int, batch_wait_ms: float) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, max_batch: int, batch_wait_ms: float,
+                 replicas: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`lumen serve` on a free port, or `lumen serve --ray` with replicas; waits for /health."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "LUMEN_API_KEY"}
+    env = {k: v for k, v in os.environ.items() if k not in ("LUMEN_API_KEY", "RAY_ADDRESS")}
+    ray = [] if replicas is None else ["--ray", "--replicas", str(replicas), "--replica-cpus",
+                                       f"{(os.cpu_count() or 1) / replicas:g}"]
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--model", model, "--port",
                              str(port), "--max-batch", str(max_batch), "--batch-wait-ms",
-                             str(batch_wait_ms), "--max-queue", "1024"],
+                             str(batch_wait_ms), "--max-queue", "1024", *ray],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(proc, url)
@@ -78,10 +91,28 @@ def wait_healthy(proc, url: str, timeout: float = 300.0) -> None:
     raise RuntimeError(f"lumen serve not healthy within {timeout} s")
 
 
-def batch_totals(client) -> tuple[float, float]:
-    """(images, batches) the server has run so far, from its prometheus histogram."""
+def batch_totals(client, replicas: int = 1) -> tuple[float, float]:
+    """(images, batches) the server has run so far, from its prometheus histogram.
+
+    Behind Ray Serve each /metrics answers for the replica its X-Lumen-Replica header names,
+    and Serve's router sends back-to-back requests to one replica: ask 4 at a time until every
+    replica has answered, and sum.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    per_replica = {}
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(25 * replicas):
+            for r in pool.map(lambda _: client.get("/metrics"), range(4 if replicas > 1 else 1)):
+                per_replica[r.headers.get("x-lumen-replica")] = histogram_totals(r.text)
+            if len(per_replica) == replicas:
+                return tuple(sum(v[i] for v in per_replica.values()) for i in (0, 1))
+    raise RuntimeError(f"only {len(per_replica)} of {replicas} replicas answered /metrics")
+
+
+def histogram_totals(text: str) -> tuple[float, float]:
     values = {}
-    for line in client.get("/metrics").text.splitlines():
+    for line in text.splitlines():
         if line.startswith(("lumen_batch_images_sum", "lumen_batch_images_count")):
             name, value = line.split()
             values[name] = float(value)
@@ -115,20 +146,21 @@ def load(url: str, clients: int, per_client: int, steps: int, size: str) -> tupl
     return latencies, time.perf_counter() - start
 
 
-def measure(args, mode: str, max_batch: int) -> list[Result]:
+def measure(args, mode: str, max_batch: int, replicas: int | None = None) -> list[Result]:
     import httpx
 
-    proc, url = start_server(args.model, max_batch, args.batch_wait_ms)
+    proc, url = start_server(args.model, max_batch, args.batch_wait_ms, replicas)
+    server = "single" if replicas is None else f"ray x{replicas}"
     rows = []
     try:
         with httpx.Client(base_url=url, timeout=60) as metrics:
             for clients in args.clients:
                 per_client = max(args.requests_per_client, -(-8 // clients))
-                images0, batches0 = batch_totals(metrics)
+                images0, batches0 = batch_totals(metrics, replicas or 1)
                 latencies, wall = load(url, clients, per_client, args.steps, args.size)
-                images1, batches1 = batch_totals(metrics)
+                images1, batches1 = batch_totals(metrics, replicas or 1)
                 q = statistics.quantiles(latencies, n=100, method="inclusive")
-                rows.append(Result(mode, clients, len(latencies), len(latencies) / wall,
+                rows.append(Result(server, mode, clients, len(latencies), len(latencies) / wall,
                                    statistics.median(latencies) * 1e3, q[98] * 1e3,
                                    (images1 - images0) / (batches1 - batches0)))
                 print(table(rows[-1:], header=False), flush=True)
@@ -153,19 +185,35 @@ def run(args) -> int:
           f"on = --max-batch {args.max_batch} --batch-wait-ms {args.batch_wait_ms}, off = --max-batch 1; "
           f"{os.cpu_count()} CPUs, CUDA {'yes' if torch.cuda.is_available() else 'no'}", flush=True)
     print(table([]), flush=True)
-    rows = measure(args, "on", args.max_batch) + measure(args, "off", 1)
+    if args.ray:
+        rows = measure(args, "on", args.max_batch)
+        rows += [row for n in args.replicas for row in measure(args, "on", args.max_batch, n)]
+    else:
+        rows = measure(args, "on", args.max_batch) + measure(args, "off", 1)
     print(table(rows))
-    for clients in args.clients:
-        on, off = (next(r for r in rows if r.batching == m and r.clients == clients) for m in ("on", "off"))
-        print(f"{clients} clients: batching gives {on.images_per_s / off.images_per_s:.2f}x images/s")
-    path = Path(args.out) / "serve-load.json"
+    print_ratios(args, rows)
+    path = Path(args.out) / ("serve-load-ray.json" if args.ray else "serve-load.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     facts = {k: getattr(args, k) for k in ("model", "steps", "size", "clients", "requests_per_client",
-                                           "max_batch", "batch_wait_ms")}
+                                           "max_batch", "batch_wait_ms", "ray", "replicas")}
     facts.update(cpus=os.cpu_count(), cuda=torch.cuda.is_available(), wall_s=time.perf_counter() - started)
     path.write_text(json.dumps({"run": facts, "rows": [asdict(r) for r in rows]}, indent=1))
     print(f"wrote {path}")
     return 0
+
+
+def print_ratios(args, rows: list[Result]) -> None:
+    for clients in args.clients:
+        row = {(r.server, r.batching): r for r in rows if r.clients == clients}
+        base = row[("single", "on")]
+        if args.ray:
+            for n in args.replicas:
+                ray = row[(f"ray x{n}", "on")]
+                print(f"{clients} clients: {n} Ray replica(s) give {ray.images_per_s / base.images_per_s:.2f}x "
+                      f"the single server's images/s")
+        else:
+            off = row[("single", "off")]
+            print(f"{clients} clients: batching gives {base.images_per_s / off.images_per_s:.2f}x images/s")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,13 @@
 Layout under the root (default ~/.cache/lumen, or $LUMEN_CACHE_DIR):
     <key>/          the artifact files of one entry (e.g. unet.onnx, unet.onnx.data)
     <key>.json      sidecar: key fields, and size + sha256 of every file; written last
+    <key>.lock      the build lock of that key (an OS lock: released when its holder dies)
 An entry exists only when its sidecar does and every file matches it, so a build killed at any
 point leaves no entry, and a truncated or bit-flipped file is noticed on the next lookup.
+Processes that miss the same key at once (replicas starting together) build it once: the first
+takes the key's lock and builds, the others wait on the lock and then find the entry.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -14,17 +18,25 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import filelock
 import torch
+
+from engine.errors import InvalidInputError
 
 ENV_VAR = "LUMEN_CACHE_DIR"
 SIDECAR_FORMAT = 1
+LOCK_TIMEOUT_S = 4 * 3600.0  # longer than any TensorRT build of a large UNet
 _CHUNK = 16 << 20
 
 
 class CacheWarning(UserWarning):
     """A cache entry was corrupt or did not match its key; it is dropped and rebuilt."""
+
+
+class CacheLockTimeout(TimeoutError):
+    """Another live process held a cache key's build lock for longer than lock_timeout_s."""
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -81,8 +93,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 class ArtifactCache:
     """Entries keyed by key_of(fields); get_or_build verifies on read and builds on a miss."""
 
-    def __init__(self, root: str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, lock_timeout_s: float = LOCK_TIMEOUT_S):
+        if not lock_timeout_s > 0:
+            raise InvalidInputError(f"lock_timeout_s={lock_timeout_s!r}; expected seconds > 0")
         self.root = cache_root(root)
+        self.lock_timeout_s = lock_timeout_s
 
     def entry_dir(self, key: str) -> Path:
         return self.root / key
@@ -92,12 +107,49 @@ class ArtifactCache:
 
     def get_or_build(self, fields: dict[str, Any],
                      build: Callable[[Path], None]) -> tuple[Path, bool]:
-        """(entry dir, hit). build(staging_dir) writes the artifact files into staging_dir."""
+        """(entry dir, hit). build(staging_dir) writes the artifact files into staging_dir.
+
+        A complete entry is read without the lock; on a miss the key's lock is taken and the
+        entry looked up again, since another process may have built it in the meantime.
+        """
         key = key_of(fields)
-        found = self.lookup(key, fields)
+        found = self.find(key, fields)
         if found is not None:
             return found, True
-        return self.store(key, fields, build), False
+        with self.lock(key):
+            found = self.lookup(key, fields)
+            if found is not None:
+                return found, True
+            return self.store(key, fields, build), False
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """Hold key's build lock: an OS-level lock (fcntl), so a killed holder releases it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f"{key}.lock"
+        held = filelock.FileLock(path, timeout=self.lock_timeout_s)
+        try:
+            held.acquire()
+        except filelock.Timeout as err:
+            raise CacheLockTimeout(
+                f"waited {self.lock_timeout_s:g} s for {path}: another live process is building "
+                f"this cache entry; expected it to finish within lock_timeout_s="
+                f"{self.lock_timeout_s:g} (raise it, or stop that process)") from err
+        try:
+            yield
+        finally:
+            held.release()
+
+    def find(self, key: str, fields: dict[str, Any]) -> Path | None:
+        """The entry dir if it is complete and verifies, else None; changes nothing (no lock).
+
+        An invalid entry is left for lookup to drop, under the lock: dropping it here could
+        delete the entry another process is renaming into place.
+        """
+        sidecar = self.sidecar(key)
+        if sidecar.exists() and self._verify(key, fields, sidecar) is None:
+            return self.entry_dir(key)
+        return None
 
     def lookup(self, key: str, fields: dict[str, Any]) -> Path | None:
         """The entry dir if its sidecar and every file check out; else None (bad entries dropped)."""
@@ -151,7 +203,10 @@ class ArtifactCache:
         return None
 
     def store(self, key: str, fields: dict[str, Any], build: Callable[[Path], None]) -> Path:
-        """Build into a staging dir, fsync, rename it into place, then write the sidecar."""
+        """Build into a staging dir, fsync, rename it into place, then write the sidecar.
+
+        Callers hold lock(key) (get_or_build does), so that one process builds a key at a time.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_dead_staging(key)
         staging = Path(tempfile.mkdtemp(dir=self.root, prefix=f".tmp-{key[:16]}-{os.getpid()}-"))

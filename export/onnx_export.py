@@ -259,8 +259,9 @@ def export_cached(unet: torch.nn.Module, cache: ArtifactCache, *, dtype: torch.d
             export_onnx(unet, staging / ONNX_FILE, dtype=dtype, exporter=exporter)
 
     with phase("verifying cache"):
-        found = cache.lookup(key_of(fields), fields)
+        found = cache.find(key_of(fields), fields)
     if found is not None:
         return found / ONNX_FILE, True
-    return cache.store(key_of(fields), fields, build) / ONNX_FILE, False
+    entry, hit = cache.get_or_build(fields, build)  # under the key's lock: one process exports
+    return entry / ONNX_FILE, hit
 

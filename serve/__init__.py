@@ -1,8 +1,9 @@
 """Lumen's HTTP server: OpenAI and AUTOMATIC1111 image APIs with dynamic batching.
 
 `create_app(engine, **limits)` returns the ASGI app (FastAPI) for uvicorn or an embedding
-service; `lumen serve` builds an engine, warms it up and serves it. Names are imported on first
-use, so `lumen` runs without the serve extra installed.
+service; `lumen serve` builds an engine, warms it up and serves it; `serve.ray_app` runs it as
+replicas on Ray Serve (`lumen serve --ray`). Names are imported on first use, so `lumen` runs
+without the serve extra installed.
 """
 import importlib
 

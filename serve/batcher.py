@@ -112,6 +112,11 @@ class Batcher:
             return sum(job.n for job in self._queue)
 
     @property
+    def alive(self) -> bool:
+        """The worker thread runs (it ends only after stop())."""
+        return self._thread.is_alive()
+
+    @property
     def mean_batch_size(self) -> float:
         return self.images / self.batches if self.batches else 0.0
 

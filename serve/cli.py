@@ -21,6 +21,14 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--api-key", default=os.environ.get("LUMEN_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $LUMEN_API_KEY)")
+    p.add_argument("--ray", action="store_true",
+                   help="serve replicas on Ray Serve: a local Ray, or the cluster at $RAY_ADDRESS")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=None, help="with --ray: this many replicas")
+    scale.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                       help="with --ray: autoscale between MIN and MAX replicas")
+    p.add_argument("--replica-cpus", type=float, default=1.0,
+                   help="with --ray on CPUs: CPUs per replica (with GPUs, each replica takes one GPU)")
     p.set_defaults(func=run_serve)
 
 
@@ -36,6 +44,14 @@ def model_label(model: str) -> str:
 
 
 def run_serve(args) -> int:
+    if args.ray:
+        from .ray_app import run_ray
+
+        return run_ray(args)
+    if args.replicas is not None or args.autoscale is not None:
+        from engine import InvalidInputError
+
+        raise InvalidInputError("--replicas and --autoscale need --ray")
     import uvicorn
 
     import engine
