@@ -164,7 +164,6 @@ def test_no_file_refers_outside_the_repository():
     assert not hits, "references outside the repository:\n" + "\n".join(hits)
 
 
-@pytest.mark.xfail(strict=True, reason="README still points outside the repository")
 def test_readme_does_not_refer_outside_the_repository():
     hits = outside_references(README)
     assert not hits, "\n".join(hits)
