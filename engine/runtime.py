@@ -10,7 +10,7 @@ from .config import SamplerConfig
 from .errors import BackendUnavailableError, InvalidInputError, InvalidTypeError
 from .graphs import GraphCache, GraphKey, graph_runner, resolve_mode
 from .models import Components, load_components
-from .output import OUTPUT_TYPES, decode
+from .output import OUTPUT_TYPES, decode, set_vae_options
 from .prompts import added_conditioning, embed_prompts, time_ids
 from .validation import check_choice, check_int, check_latents, check_real
 
@@ -20,7 +20,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None,
           initial_step=None, backend_options: dict | None = None, cuda_graph="auto",
-          graph_cache_size: int = 8) -> "Engine":
+          graph_cache_size: int = 8, vae_slicing: bool = False, vae_tiling: bool = False) -> "Engine":
     """An Engine for `model` (UNet, pipeline, local folder or built-in name), ready to run.
 
     scheduler=None reads how the model was trained (betas, T, prediction type, zero terminal
@@ -33,6 +33,9 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
     as latent (batch, h, w), exporter, provider).
     cuda_graph: "auto" (on with CUDA and the torch or tensorrt backend), True or False; each
     request shape is captured once and replayed (engine.graphs), up to graph_cache_size shapes.
+    vae_slicing / vae_tiling: decode a batch one image at a time / a large image in tiles,
+    through the VAE's enable_slicing / enable_tiling (set on the model's VAE, which a passed-in
+    pipeline shares).
     """
     check_choice("backend", backend, BACKENDS)
     device = torch.device(device if device is not None else
@@ -50,6 +53,7 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
     options = dict(backend_options or {})
     compile_mode = torch_compile_mode(options.pop("compile", False)) if backend == "torch" else None
     components = load_components(model, initial_step).to(device, dtype)
+    set_vae_options(components.vae, vae_slicing, vae_tiling)
     config = sampler_config(scheduler, components.scheduler_config)
     runner = unet_runner(components.unet, backend, device, dtype, options, compile_mode)
     return Engine(components, config, runner, device, dtype, backend, use_graphs, cache)
@@ -166,7 +170,7 @@ class Engine:
         x0 = self.sample(**request, callback=callback)
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-        return ImagePipelineOutput(images=decode(x0, self.components, output_type))
+        return ImagePipelineOutput(images=decode(x0, self.components, output_type, self.dtype))
 
     def prepare(self, prompt=None, negative_prompt=None, prompt_embeds=None,
                 negative_prompt_embeds=None, num_inference_steps: int = 25,
