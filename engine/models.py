@@ -1,5 +1,8 @@
 """Model loading: a UNet, a pipeline, a local folder or a built-in name -> Components (no hub)."""
+import contextlib
 import json
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +94,8 @@ def _from_folder(path: Path) -> Components:
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
     if (path / "model_index.json").is_file():
-        return _from_pipeline(_load(DiffusionPipeline, path))
+        with _quiet_pipeline_load():
+            return _from_pipeline(_load(DiffusionPipeline, path))
     if (path / "unet").is_dir():
         scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
         return Components(_load(UNet2DConditionModel, path / "unet"), scheduler_config,
@@ -165,6 +169,32 @@ def _checked(components: Components) -> Components:
                                     f"expects pooled embeddings of {width} (projection_class_"
                                     "embeddings_input_dim - 6 * addition_time_embed_dim)")
     return components
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record) -> bool:
+        return not any(f in record.getMessage() for f in self.fragments)
+
+
+@contextlib.contextmanager
+def _quiet_pipeline_load():
+    """Loading a pipeline folder without two notices Lumen makes moot: diffusers' "steps_offset
+    should be 1" (Lumen reads only the training schedule from the model's scheduler config) and
+    transformers' note that the safety checker's image processor falls back to PIL without
+    torchvision (Lumen never runs the safety checker)."""
+    quiet = _DropMessages("requires torchvision (not installed)")
+    logger = logging.getLogger("transformers.utils.import_utils")
+    logger.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"The configuration file of this scheduler", FutureWarning)
+            yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _load(cls, path: Path):
