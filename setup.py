@@ -19,6 +19,8 @@ setup(
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.30",
+        # without it diffusers prints an "accelerate was not found" notice on every model load
+        "accelerate>=0.30",
         "transformers>=4.40",
         "safetensors>=0.4",
         "numpy>=1.24",

@@ -128,7 +128,7 @@ def make_request(setup: Setup, s: Settings, latent: tuple[int, int], seq: int, p
         shape = (n, seq, unet.config.cross_attention_dim)
         text = dict(prompt_embeds=torch.randn(shape, generator=g),
                     negative_prompt_embeds=torch.randn(shape, generator=g) if cfg else None)
-    if pooled_dim:
+    if pooled_dim and "prompt_embeds" in text:  # text prompts get theirs from the encoder
         text["pooled_prompt_embeds"] = torch.randn(n, pooled_dim, generator=g)
     return eng.prepare(**text, num_inference_steps=s.steps, guidance_scale=s.guidance,
                        guidance_rescale=s.rescale, generator=torch.Generator().manual_seed(0),

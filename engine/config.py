@@ -16,6 +16,9 @@ SAMPLERS = ("ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m")
 TRAINING_FIELDS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
                    "zero_terminal_snr", "prediction_type")
 
+# diffusers scheduler class -> its timestep convention (schedules.CONVENTIONS).
+_CONVENTIONS = {"DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpm"}
+
 # diffusers scheduler class -> Lumen sampler.
 _DIFFUSERS_SAMPLERS = {
     "DDIMScheduler": "ddim",
@@ -38,6 +41,8 @@ class SamplerConfig:
     prediction_type: str = "v_prediction"
     timestep_spacing: str = "trailing"
     steps_offset: int = 0
+    # which diffusers class's timestep list the spacing names (schedules.CONVENTIONS)
+    timestep_convention: str = "ddim"
     sampler: str = "ddim"
     # EDM (Karras et al. 2022): rho-schedule for timestep_spacing="karras", churn for heun.
     rho: float = 7.0
@@ -52,6 +57,7 @@ class SamplerConfig:
         check_choice("beta_schedule", self.beta_schedule, schedules.BETA_SCHEDULES)
         check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", self.timestep_spacing, schedules.SPACINGS)
+        check_choice("timestep_convention", self.timestep_convention, schedules.CONVENTIONS)
         check_choice("sampler", self.sampler, SAMPLERS)
         check_int("num_train_timesteps", self.num_train_timesteps, 2)
         check_int("steps_offset", self.steps_offset, 0)
@@ -139,4 +145,5 @@ def _sampling_fields(config: dict) -> dict:
     if config.get("use_karras_sigmas", False):
         spacing = "karras"
     return {"sampler": _DIFFUSERS_SAMPLERS[name], "timestep_spacing": spacing,
-            "steps_offset": int(config.get("steps_offset", 0))}
+            "steps_offset": int(config.get("steps_offset", 0)),
+            "timestep_convention": _CONVENTIONS.get(name, "euler")}

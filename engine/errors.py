@@ -19,3 +19,8 @@ class InvalidTypeError(LumenError, TypeError):
 
 class BackendUnavailableError(LumenError, RuntimeError):
     """The requested inference backend cannot run here; the message names the fallback."""
+
+
+class NonFiniteOutputError(LumenError, FloatingPointError):
+    """A run produced NaN or inf; the message names the stage (final latents or decoded image),
+    the dtype it ran in, and what to try instead."""

@@ -1,10 +1,14 @@
 """Model loading: a UNet, a pipeline, a local folder or a built-in name -> Components (no hub)."""
+import contextlib
 import json
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .clip import ClipPromptEncoder, SdxlPromptEncoder
 from .errors import InvalidInputError, InvalidTypeError
 
 
@@ -14,7 +18,9 @@ class Components:
 
     unet: torch.nn.Module
     scheduler_config: dict | None = None  # the model's own, as saved by diffusers
-    text_encoder: object = None  # has encode(list[str]) -> [B, L, D]
+    # ClipPromptEncoder, SdxlPromptEncoder (encode(prompts, clip_skip) -> Encoding), or the
+    # built-in models' LumenTextEncoder (encode(prompts) -> [B, L, D])
+    text_encoder: object = None
     vae: torch.nn.Module | None = None
     initial_step: torch.nn.Module | None = None  # SingDiffusion x0-predictor(x_T, embeddings)
 
@@ -27,8 +33,8 @@ class Components:
 
     def to(self, device, dtype):
         """Move every module to device/dtype, in place; a VAE that overflows in fp16 stays fp32."""
-        text_module = getattr(self.text_encoder, "module", self.text_encoder)
-        for module in (self.unet, self.vae, text_module, self.initial_step):
+        text_modules = getattr(self.text_encoder, "parts", (self.text_encoder,))
+        for module in (self.unet, self.vae, *text_modules, self.initial_step):
             if isinstance(module, torch.nn.Module):
                 want = self.vae_dtype(dtype) if module is self.vae else dtype
                 module.eval().requires_grad_(False).to(device=device)
@@ -41,19 +47,6 @@ class Components:
         fp16), as diffusers pipelines decode; else the run's dtype."""
         upcast = bool(getattr(getattr(self.vae, "config", None), "force_upcast", False))
         return torch.float32 if dtype == torch.float16 and upcast else dtype
-
-
-class ClipPromptEncoder:
-    """Stable Diffusion's prompt encoding: pad to the tokenizer's length, take the last hidden state."""
-
-    def __init__(self, tokenizer, text_encoder):
-        self.tokenizer, self.module = tokenizer, text_encoder
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return self.module(ids.to(self.module.device))[0]
 
 
 def load_components(model, initial_step=None) -> Components:
@@ -101,7 +94,8 @@ def _from_folder(path: Path) -> Components:
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
     if (path / "model_index.json").is_file():
-        return _from_pipeline(_load(DiffusionPipeline, path))
+        with _quiet_pipeline_load():
+            return _from_pipeline(_load(DiffusionPipeline, path))
     if (path / "unet").is_dir():
         scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
         return Components(_load(UNet2DConditionModel, path / "unet"), scheduler_config,
@@ -120,8 +114,12 @@ def _folder_text_encoder(path: Path):
         from .builtin.text import load_text_encoder
 
         return load_text_encoder(path)
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
+    if (path / "text_encoder_2").is_dir():  # SDXL's layout; force_zeros as its pipeline defaults
+        return SdxlPromptEncoder([_load(AutoTokenizer, path / "tokenizer"), _load(AutoTokenizer, path / "tokenizer_2")],
+                                 [_load(CLIPTextModel, path / "text_encoder"),
+                                  _load(CLIPTextModelWithProjection, path / "text_encoder_2")])
     return ClipPromptEncoder(_load(AutoTokenizer, path / "tokenizer"), _load(CLIPTextModel, path / "text_encoder"))
 
 
@@ -134,15 +132,28 @@ def _folder_vae(path: Path):
 
 
 def _from_pipeline(pipe) -> Components:
-    text_encoder = None
-    # SDXL-style pipelines (two text encoders) run from prompt_embeds + pooled_prompt_embeds.
-    two_encoders = getattr(pipe, "text_encoder_2", None) is not None
-    if (not two_encoders and getattr(pipe, "tokenizer", None) is not None
-            and getattr(pipe, "text_encoder", None) is not None):
-        text_encoder = ClipPromptEncoder(pipe.tokenizer, pipe.text_encoder)
     scheduler = getattr(pipe, "scheduler", None)
     config = dict(scheduler.config, _class_name=type(scheduler).__name__) if scheduler else None
-    return Components(pipe.unet, config, text_encoder, getattr(pipe, "vae", None))
+    return Components(pipe.unet, config, _pipeline_text_encoder(pipe), getattr(pipe, "vae", None))
+
+
+def _pipeline_text_encoder(pipe):
+    """SdxlPromptEncoder for a pipeline with text_encoder_2, ClipPromptEncoder for one encoder."""
+    pairs = [(getattr(pipe, f"tokenizer{k}", None), getattr(pipe, f"text_encoder{k}", None))
+             for k in ("", "_2")]
+    pairs = [(tok, enc) for tok, enc in pairs if tok is not None and enc is not None]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        force_zeros = getattr(pipe.config, "force_zeros_for_empty_prompt", True)
+        return SdxlPromptEncoder(*zip(*pairs), force_zeros_for_empty_prompt=force_zeros)
+    return ClipPromptEncoder(*pairs[0]) if pairs else None
+
+
+TIME_IDS = 6  # SDXL micro-conditioning: original (h, w), crop (top, left), target (h, w)
+
+
+def pooled_width(unet_config) -> int:
+    """The pooled text embedding width an SDXL-style UNet takes beside its time ids."""
+    return unet_config.projection_class_embeddings_input_dim - TIME_IDS * unet_config.addition_time_embed_dim
 
 
 def _checked(components: Components) -> Components:
@@ -150,7 +161,40 @@ def _checked(components: Components) -> Components:
     if getattr(config, "addition_embed_type", None) not in (None, "text_time"):
         raise InvalidInputError(f"UNet addition_embed_type={config.addition_embed_type!r} is not "
                                 "supported; expected None or 'text_time' (SDXL)")
+    encoder = components.text_encoder
+    if isinstance(encoder, SdxlPromptEncoder) and config.addition_embed_type == "text_time":
+        width = pooled_width(config)
+        if encoder.pooled_dim != width:
+            raise InvalidInputError(f"text encoder projection_dim={encoder.pooled_dim}, but the UNet "
+                                    f"expects pooled embeddings of {width} (projection_class_"
+                                    "embeddings_input_dim - 6 * addition_time_embed_dim)")
     return components
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record) -> bool:
+        return not any(f in record.getMessage() for f in self.fragments)
+
+
+@contextlib.contextmanager
+def _quiet_pipeline_load():
+    """Loading a pipeline folder without two notices Lumen makes moot: diffusers' "steps_offset
+    should be 1" (Lumen reads only the training schedule from the model's scheduler config) and
+    transformers' note that the safety checker's image processor falls back to PIL without
+    torchvision (Lumen never runs the safety checker)."""
+    quiet = _DropMessages("requires torchvision (not installed)")
+    logger = logging.getLogger("transformers.utils.import_utils")
+    logger.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"The configuration file of this scheduler", FutureWarning)
+            yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _load(cls, path: Path):

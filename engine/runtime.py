@@ -10,8 +10,8 @@ from .config import SamplerConfig
 from .errors import BackendUnavailableError, InvalidInputError, InvalidTypeError
 from .graphs import GraphCache, GraphKey, graph_runner, resolve_mode
 from .models import Components, load_components
-from .output import OUTPUT_TYPES, decode
-from .prompts import added_conditioning, embed_prompts
+from .output import OUTPUT_TYPES, decode, set_vae_options
+from .prompts import added_conditioning, embed_prompts, time_ids
 from .validation import check_choice, check_int, check_latents, check_real
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -20,7 +20,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None,
           initial_step=None, backend_options: dict | None = None, cuda_graph="auto",
-          graph_cache_size: int = 8) -> "Engine":
+          graph_cache_size: int = 8, vae_slicing: bool = False, vae_tiling: bool = False) -> "Engine":
     """An Engine for `model` (UNet, pipeline, local folder or built-in name), ready to run.
 
     scheduler=None reads how the model was trained (betas, T, prediction type, zero terminal
@@ -33,6 +33,9 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
     as latent (batch, h, w), exporter, provider).
     cuda_graph: "auto" (on with CUDA and the torch or tensorrt backend), True or False; each
     request shape is captured once and replayed (engine.graphs), up to graph_cache_size shapes.
+    vae_slicing / vae_tiling: decode a batch one image at a time / a large image in tiles,
+    through the VAE's enable_slicing / enable_tiling (set on the model's VAE, which a passed-in
+    pipeline shares).
     """
     check_choice("backend", backend, BACKENDS)
     device = torch.device(device if device is not None else
@@ -50,6 +53,7 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
     options = dict(backend_options or {})
     compile_mode = torch_compile_mode(options.pop("compile", False)) if backend == "torch" else None
     components = load_components(model, initial_step).to(device, dtype)
+    set_vae_options(components.vae, vae_slicing, vae_tiling)
     config = sampler_config(scheduler, components.scheduler_config)
     runner = unet_runner(components.unet, backend, device, dtype, options, compile_mode)
     return Engine(components, config, runner, device, dtype, backend, use_graphs, cache)
@@ -147,45 +151,52 @@ class Engine:
             num_inference_steps: int = 25, guidance_scale: float = 7.5, guidance_rescale: float = 0.7,
             eta: float = 0.0, generator=None, latents=None, height=None, width=None,
             num_images_per_prompt: int = 1, output_type: str = "pil", callback=None,
-            pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None):
+            pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, clip_skip=None,
+            original_size=None, crops_coords_top_left=None, target_size=None):
         """Generate images; the result has `.images` as in diffusers pipelines.
 
         callback(i), if given, is called on the host after step i (it must not sync the device);
         with a CUDA graph the loop is one replay, so the calls come after it, in order.
-        pooled_prompt_embeds [P, D] (and the negative, default zeros): SDXL-style UNets only.
+        pooled_prompt_embeds [P, D] (and the negative, default zeros), original_size,
+        crops_coords_top_left and target_size (SDXL's time ids, diffusers' defaults): SDXL-style
+        UNets only. clip_skip: skip that many last CLIP layers, as diffusers' pipelines.
         """
         check_choice("output_type", output_type, OUTPUT_TYPES)
         request = self.prepare(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                num_inference_steps, guidance_scale, guidance_rescale, eta,
                                generator, latents, height, width, num_images_per_prompt,
-                               pooled_prompt_embeds, negative_pooled_prompt_embeds)
+                               pooled_prompt_embeds, negative_pooled_prompt_embeds, clip_skip,
+                               original_size, crops_coords_top_left, target_size)
         x0 = self.sample(**request, callback=callback)
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-        return ImagePipelineOutput(images=decode(x0, self.components, output_type))
+        return ImagePipelineOutput(images=decode(x0, self.components, output_type, self.dtype))
 
     def prepare(self, prompt=None, negative_prompt=None, prompt_embeds=None,
                 negative_prompt_embeds=None, num_inference_steps: int = 25,
                 guidance_scale: float = 7.5, guidance_rescale: float = 0.7, eta: float = 0.0,
                 generator=None, latents=None, height=None, width=None,
                 num_images_per_prompt: int = 1, pooled_prompt_embeds=None,
-                negative_pooled_prompt_embeds=None) -> dict:
+                negative_pooled_prompt_embeds=None, clip_skip=None, original_size=None,
+                crops_coords_top_left=None, target_size=None) -> dict:
         """`sample`'s inputs for a request (run's arguments), checked and on the device."""
         self._check_scalars(num_inference_steps, guidance_scale, guidance_rescale, eta,
                             num_images_per_prompt)
         cfg = guidance_scale != 1  # w = 1 is the conditional output alone: skip the negative batch
-        pos, neg = embed_prompts(self.components, prompt, negative_prompt, prompt_embeds,
-                                 negative_prompt_embeds, num_images_per_prompt, cfg)
-        shape = self._latent_shape(pos.shape[0], height, width)
+        text = embed_prompts(self.components, prompt, negative_prompt, prompt_embeds,
+                             negative_prompt_embeds, num_images_per_prompt, cfg,
+                             pooled_prompt_embeds, negative_pooled_prompt_embeds, clip_skip)
+        shape = self._latent_shape(text.pos.shape[0], height, width, latents)
         f = self.components.vae_scale_factor
-        added = added_conditioning(self.components.unet.config, pooled_prompt_embeds,
-                                   negative_pooled_prompt_embeds,
-                                   pos.shape[0] // num_images_per_prompt, num_images_per_prompt,
-                                   cfg, (shape[2] * f, shape[3] * f))
+        sizes = (original_size, crops_coords_top_left, target_size)
+        added = added_conditioning(self.components.unet.config, text,
+                                   text.pos.shape[0] // num_images_per_prompt, num_images_per_prompt,
+                                   cfg, time_ids(shape[2] * f, shape[3] * f, *sizes),
+                                   sizes_given=any(v is not None for v in sizes))
         plan = samplers.make_plan(self.config, num_inference_steps, eta)
         x_T, noise = draw_noise(generator, shape, plan, self.device, latents)
-        pos = pos.to(self.device, self.dtype)
-        emb = torch.cat([neg.to(self.device, self.dtype), pos]) if cfg else pos  # [negative, positive]
+        pos = text.pos.to(self.device, self.dtype)
+        emb = torch.cat([text.neg.to(self.device, self.dtype), pos]) if cfg else pos  # [negative, positive]
         scalars = torch.tensor([guidance_scale, guidance_rescale], dtype=torch.float32).to(self.device)
         return dict(emb=emb, x_T=x_T, noise=noise, dp=plan.to(self.device), w=scalars[0],
                     phi=scalars[1], cfg=cfg,
@@ -281,10 +292,14 @@ class Engine:
                                     "SamplerConfig.s_churn for EDM samplers")
         check_int("num_images_per_prompt", num_images, 1)
 
-    def _latent_shape(self, batch: int, height, width) -> tuple:
+    def _latent_shape(self, batch: int, height, width, latents=None) -> tuple:
+        """[N, C, h, w] of the request; without height/width, given latents set the size (as in
+        diffusers, where they are the start noise), else the UNet's sample_size."""
         config, f = self.components.unet.config, self.components.vae_scale_factor
         sizes = []
-        for name, value in (("height", height), ("width", width)):
+        for axis, (name, value) in enumerate((("height", height), ("width", width))):
+            if value is None and isinstance(latents, torch.Tensor) and latents.ndim == 4:
+                value = latents.shape[2 + axis] * f
             value = config.sample_size * f if value is None else value
             check_int(name, value, f)
             if value % f:

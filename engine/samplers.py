@@ -70,11 +70,11 @@ def step_schedule(config: SamplerConfig, num_steps: int) -> tuple[torch.Tensor, 
         schedules.check_num_steps(config.num_train_timesteps, num_steps)
         t, abar = schedules.karras_timesteps(abar_train, num_steps, config.rho,
                                              config.sigma_min, config.sigma_max)
+        if config.timestep_convention == "dpm":  # the model sees rounded timesteps, sigmas kept
+            t = t.round()
     else:
-        t = schedules.spaced_timesteps(config.timestep_spacing, config.num_train_timesteps,
-                                       num_steps, config.steps_offset)
-        abar = abar_train[t]
-        t = t.to(_F64)
+        t, abar = schedules.class_timesteps(config.timestep_convention, config.timestep_spacing,
+                                            abar_train, num_steps, config.steps_offset)
     return t, torch.cat([abar, torch.ones(1, dtype=_F64)])
 
 

@@ -13,6 +13,11 @@ from .errors import InvalidInputError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "linspace", "trailing", "karras")
+# Whose timestep list a spacing name means: Lin et al. Table 2 as DDIMScheduler computes it
+# ("ddim"), EulerDiscreteScheduler's and HeunDiscreteScheduler's ("euler": fractional
+# timesteps, sigma interpolated linearly), DPMSolverMultistepScheduler's ("dpm": S + 1 points
+# for linspace and leading, the last dropped; karras timesteps rounded).
+CONVENTIONS = ("ddim", "euler", "dpm")
 _F64 = torch.float64
 
 
@@ -81,6 +86,33 @@ def spaced_timesteps(spacing: str, num_train_timesteps: int, num_steps: int,
     if int(t.max()) > T - 1 or int(t.min()) < 0:
         raise InvalidInputError(f"steps_offset={steps_offset} moves {spacing} timesteps outside [0, {T - 1}]")
     return t
+
+
+def class_timesteps(convention: str, spacing: str, abar_train: torch.Tensor, num_steps: int,
+                    steps_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps [S], abar [S]) as the diffusers class of `convention` spaces them (float64)."""
+    T, S = len(abar_train), num_steps
+    check_num_steps(T, S)
+    if convention == "ddim":
+        t = spaced_timesteps(spacing, T, S, steps_offset)
+        return t.to(_F64), abar_train[t]
+    n = S + 1 if convention == "dpm" and spacing != "trailing" else S
+    if spacing == "linspace":
+        t = np.linspace(0, T - 1, n)[::-1]
+    elif spacing == "leading":
+        t = (np.arange(n) * (T // n)).round()[::-1] + steps_offset
+    elif spacing == "trailing":
+        t = np.arange(T, 0, -T / S).round() - 1
+    else:
+        raise InvalidInputError(f"timestep_spacing={spacing!r}; expected one of {SPACINGS[:3]}")
+    t = t[:S].astype(np.float64)
+    if convention == "dpm":
+        t = t.round()
+    if t.max() > T - 1 or t.min() < 0:
+        raise InvalidInputError(f"steps_offset={steps_offset} moves {spacing} timesteps outside [0, {T - 1}]")
+    sigma = np.interp(t, np.arange(T), sigmas_from_abar(abar_train).numpy())  # linear in sigma
+    t, sigma = torch.from_numpy(t), torch.from_numpy(sigma)
+    return t, torch.where(torch.isinf(sigma), 0.0, 1 / (1 + sigma**2)).to(_F64)
 
 
 def sigmas_from_abar(abar: torch.Tensor) -> torch.Tensor:
