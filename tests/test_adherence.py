@@ -99,3 +99,17 @@ def test_bench_adherence_writes_consistent_json_markdown_and_png(tmp_path, monke
 def test_bad_adherence_values_are_refused(args, message, tmp_path, capsys):
     assert main(["bench", "adherence", *args, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_attribute_judged_below_the_bar_is_named_and_left_out_of_all_correct(monkeypatch):
+    accuracy = {"background": 1.0, "color": 0.9, "kind": 0.99, "one shape": 0.98}
+    monkeypatch.setattr(scene_analyzer, "validate", lambda n, seed: accuracy)
+    check = adherence.validation()
+    assert (check["judged"], check["not judged"]) == (["background", "kind", "one shape"], ["color"])
+    green = _render(scenes.Scene("circle", "green", "dark"), n=2)
+    scores = adherence.score_images(green, RED_CIRCLE, check["judged"])
+    assert (scores["color"], scores["all correct"]) == (0.0, 1.0)
+    data = {"n": 2, "steps": 2, "guidance": 7.5, "prompts": [RED_CIRCLE.caption], "held out": [],
+            "validation": check, "results": {"a setup": {"overall": adherence.overall(
+                {RED_CIRCLE.caption: scores}), "prompts": {RED_CIRCLE.caption: scores}}}}
+    assert "not judged (below 0.98): color" in adherence.markdown(data)
