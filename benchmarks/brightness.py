@@ -56,13 +56,18 @@ def build_setup(setup: Setup) -> engine.Engine:
     return engine.build(setup.model, scheduler=setup.scheduler, initial_step=initial, device="cpu")
 
 
+def generate_images(eng: engine.Engine, setup: Setup, prompt: str, n: int, steps: int,
+                    guidance: float) -> torch.Tensor:
+    """Images [n, 3, H, W] in [0, 1] of n seeds (image i uses seed i)."""
+    return eng.run(prompt=prompt, num_images_per_prompt=n, num_inference_steps=steps,
+                   guidance_scale=guidance, guidance_rescale=setup.guidance_rescale,
+                   generator=[torch.Generator().manual_seed(i) for i in range(n)], output_type="pt").images
+
+
 def generate_brightness(eng: engine.Engine, setup: Setup, prompt: str, n: int, steps: int,
                         guidance: float) -> torch.Tensor:
     """Per-image mean brightness [n] in [0, 1] of n seeds (image i uses seed i)."""
-    images = eng.run(prompt=prompt, num_images_per_prompt=n, num_inference_steps=steps,
-                     guidance_scale=guidance, guidance_rescale=setup.guidance_rescale,
-                     generator=[torch.Generator().manual_seed(i) for i in range(n)], output_type="pt").images
-    return images.mean(dim=(1, 2, 3))
+    return generate_images(eng, setup, prompt, n, steps, guidance).mean(dim=(1, 2, 3))
 
 
 def bin_fractions(values: torch.Tensor) -> dict:

@@ -1,21 +1,25 @@
-"""`lumen bench ...`: the loop ablations (no subcommand), the brightness study, the GPU check,
-serving load."""
+"""`lumen bench ...`: the loop ablations (no subcommand), the brightness and adherence studies,
+the GPU check, serving load."""
 
 
 def add_parsers(subparsers) -> None:
-    from . import brightness, gpu_check, report, serve_load
+    from . import adherence, brightness, gpu_check, report, serve_load
 
     bench = subparsers.add_parser(
         "bench", help="cumulative ablations of the sampling loop, or a study",
         description="Cumulative ablations of one request's sampling loop (see "
-                    "benchmarks/ablation.py), `lumen bench brightness`, `lumen bench gpu` or "
-                    "`lumen bench serve`.")
+                    "benchmarks/ablation.py), `lumen bench brightness`, `lumen bench adherence`, "
+                    "`lumen bench gpu` or `lumen bench serve`.")
     report.add_arguments(bench)
     bench.set_defaults(func=report.run)
     which = bench.add_subparsers(dest="bench", required=False)
     p = which.add_parser("brightness", help="brightness study of the built-in models (Lin et al.)")
     brightness.add_arguments(p)
     p.set_defaults(func=brightness.run)
+    p = which.add_parser("adherence", help="how often the built-in models draw the prompt's "
+                                           "background, colour and shape")
+    adherence.add_arguments(p)
+    p.set_defaults(func=adherence.run)
     p = which.add_parser("gpu", help="time-boxed check of a GPU host: tests, kernels, bench "
                                      "rows, graph soak, VAE (--dry-run: on CPU)")
     gpu_check.add_arguments(p)

@@ -127,12 +127,17 @@ def render(scenes: list[Scene], generator: torch.Generator, size: int = IMAGE_SI
     return img * 2 - 1
 
 
+def sample_scenes(n: int, generator: torch.Generator) -> list[Scene]:
+    """n scenes drawn with replacement by scene_weights: the training data's caption mix."""
+    scenes = all_scenes()
+    idx = torch.multinomial(scene_weights(scenes), n, replacement=True, generator=generator)
+    return [scenes[i] for i in idx.tolist()]
+
+
 def sample_batch(batch_size: int, generator: torch.Generator,
                  size: int = IMAGE_SIZE) -> tuple[torch.Tensor, list[str]]:
     """(images [B, 3, size, size] in [-1, 1], captions) with captions drawn by scene_weights."""
-    scenes = all_scenes()
-    idx = torch.multinomial(scene_weights(scenes), batch_size, replacement=True, generator=generator)
-    chosen = [scenes[i] for i in idx.tolist()]
+    chosen = sample_scenes(batch_size, generator)
     return render(chosen, generator, size), [s.caption for s in chosen]
 
 
