@@ -10,7 +10,6 @@ reported but left out of "all correct". Writes adherence.md, adherence.json, adh
     lumen bench adherence --model both --n 32 --steps 25 --out benchmarks/results
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from engine.validation import check_choice, check_int, check_real
 
 from . import scene_analyzer
 from .brightness import SETUPS as BRIGHTNESS_SETUPS
-from .brightness import Setup, build_setup, generate_images
+from .brightness import Setup, build_setup, generate_images, write_study
 
 # Each colour twice, each shape four times, each background class two or three times.
 PROMPTS = (
@@ -190,14 +189,8 @@ def run(args) -> int:
     data = {"n": args.n, "steps": args.steps, "guidance": args.guidance, "prompts": args.prompts,
             "held out": held_out(args.prompts), "validation": check, "results": results,
             "wall_time_s": round(time.perf_counter() - start, 1)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table = markdown(data)
-    (out / "adherence.md").write_text(table)
-    (out / "adherence.json").write_text(json.dumps(data, indent=1))
-    figure(samples, out / "adherence.png")
-    print(table)
-    print(f"wrote {out}/adherence.md, .json, .png in {data['wall_time_s']:.0f} s")
+    write_study(Path(args.out), "adherence", markdown(data), data,
+                lambda path: figure(samples, path), data["wall_time_s"])
     return 0
 
 

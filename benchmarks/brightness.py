@@ -154,16 +154,21 @@ def run(args) -> int:
     torch.set_num_threads(2)
     start = time.perf_counter()
     results = run_study(args.n, args.steps, args.guidance)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table = markdown(results, args.n, args.steps, args.guidance)
-    (out / "brightness.md").write_text(table)
-    (out / "brightness.json").write_text(json.dumps(
-        {"n": args.n, "steps": args.steps, "guidance": args.guidance, "bins": BINS, "results": results}))
-    figure(results, out / "brightness.png")
-    print(table)
-    print(f"wrote {out}/brightness.md, .json, .png in {time.perf_counter() - start:.0f} s")
+    data = {"n": args.n, "steps": args.steps, "guidance": args.guidance, "bins": BINS,
+            "results": results}
+    write_study(Path(args.out), "brightness", markdown(results, args.n, args.steps, args.guidance),
+                data, lambda path: figure(results, path), time.perf_counter() - start)
     return 0
+
+
+def write_study(out: Path, name: str, table: str, data: dict, draw, seconds: float) -> None:
+    """out/name.md (the table, also printed), name.json (data) and name.png (draw(path))."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(table)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1))
+    draw(out / f"{name}.png")
+    print(table)
+    print(f"wrote {out}/{name}.md, .json, .png in {seconds:.0f} s")
 
 
 if __name__ == "__main__":

@@ -3,16 +3,13 @@ import base64
 import io
 import json
 import threading
-import time
 
 import numpy as np
 import pytest
-import torch
 from openai import OpenAI
 from PIL import Image
 
 import engine
-from serve.batcher import Batcher, BatchKey, Job
 
 from server_helpers import RunningServer
 
