@@ -30,9 +30,11 @@ def token_ids(tokenizer, prompts: list[str], warn: bool = True) -> torch.Tensor:
     with _TOKENIZER_LOCK:
         ids = tokenizer(prompts, padding="max_length", max_length=limit, truncation=True,
                         return_tensors="pt").input_ids
+        if not warn:
+            return ids
         # verbose=False: our warning replaces transformers' generic one about the same prompt
         untruncated = tokenizer(prompts, padding="longest", return_tensors="pt", verbose=False).input_ids
-    if warn and untruncated.shape[-1] > limit:
+    if untruncated.shape[-1] > limit:
         # ids minus the start and end tokens that truncation keeps
         removed = tokenizer.batch_decode(untruncated[:, limit - 1:-1], skip_special_tokens=True)
         cut = [text for text in removed if text]

@@ -16,16 +16,14 @@ SAMPLERS = ("ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m")
 TRAINING_FIELDS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
                    "zero_terminal_snr", "prediction_type")
 
-# diffusers scheduler class -> its timestep convention (schedules.CONVENTIONS).
-_CONVENTIONS = {"DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpm"}
-
-# diffusers scheduler class -> Lumen sampler.
+# diffusers scheduler class -> (Lumen sampler, the class's timestep convention, as in
+# schedules.CONVENTIONS).
 _DIFFUSERS_SAMPLERS = {
-    "DDIMScheduler": "ddim",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_ancestral",
-    "HeunDiscreteScheduler": "heun",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "DDIMScheduler": ("ddim", "ddim"),
+    "EulerDiscreteScheduler": ("euler", "euler"),
+    "EulerAncestralDiscreteScheduler": ("euler_ancestral", "euler"),
+    "HeunDiscreteScheduler": ("heun", "euler"),
+    "DPMSolverMultistepScheduler": ("dpmpp_2m", "dpm"),
 }
 
 
@@ -144,6 +142,7 @@ def _sampling_fields(config: dict) -> dict:
     spacing = config.get("timestep_spacing", "leading" if name == "DDIMScheduler" else "linspace")
     if config.get("use_karras_sigmas", False):
         spacing = "karras"
-    return {"sampler": _DIFFUSERS_SAMPLERS[name], "timestep_spacing": spacing,
+    sampler, convention = _DIFFUSERS_SAMPLERS[name]
+    return {"sampler": sampler, "timestep_spacing": spacing,
             "steps_offset": int(config.get("steps_offset", 0)),
-            "timestep_convention": _CONVENTIONS.get(name, "euler")}
+            "timestep_convention": convention}

@@ -43,7 +43,7 @@ def embed_prompts(components: Components, prompt, negative_prompt, prompt_embeds
     neg = None
     if cfg:
         neg, negative_pooled = _negative(components, negative_prompt, negative_prompt_embeds,
-                                         negative_pooled, pos, pooled, clip_skip)
+                                         negative_pooled, pos, clip_skip)
     repeat = num_images_per_prompt  # [p0, p0, p1, p1], as diffusers
     return TextConditioning(pos.repeat_interleave(repeat, dim=0),
                             neg.repeat_interleave(repeat, dim=0) if neg is not None else None,
@@ -117,7 +117,7 @@ def _no_pooled_with_text(name: str, pooled, text_name: str) -> None:
                                 f"{text_name}_embeds (text's pooled embedding comes from its encoder)")
 
 
-def _negative(components, negative_prompt, negative_prompt_embeds, negative_pooled, pos, pooled, clip_skip):
+def _negative(components, negative_prompt, negative_prompt_embeds, negative_pooled, pos, clip_skip):
     """(negative embeddings [P, L, D], negative pooled [P, D] or None)."""
     if negative_prompt is not None and negative_prompt_embeds is not None:
         raise InvalidInputError("expected at most one of negative_prompt and negative_prompt_embeds; got both")
@@ -129,8 +129,7 @@ def _negative(components, negative_prompt, negative_prompt_embeds, negative_pool
         return negative_prompt_embeds, negative_pooled
     encoder = components.text_encoder
     if negative_prompt is None and getattr(encoder, "force_zeros_for_empty_prompt", False):
-        zeros = torch.zeros_like(pooled) if pooled is not None else None
-        return torch.zeros_like(pos), negative_pooled if negative_pooled is not None else zeros
+        return torch.zeros_like(pos), negative_pooled  # None: added_conditioning's zeros
     if encoder is None:
         raise InvalidInputError("guidance_scale != 1 needs negative_prompt_embeds: this model has no "
                                 "text encoder to encode the empty prompt")
