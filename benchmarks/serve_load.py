@@ -111,11 +111,11 @@ def batch_totals(client, replicas: int = 1) -> tuple[float, float]:
 
 
 def histogram_totals(text: str) -> tuple[float, float]:
-    values = {}
-    for line in text.splitlines():
-        if line.startswith(("lumen_batch_images_sum", "lumen_batch_images_count")):
-            name, value = line.split()
-            values[name] = float(value)
+    """(sum, count) of the lumen_batch_images histogram in a /metrics answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "lumen_batch_images"]
+    values = {s.name: s.value for s in family.samples}
     return values["lumen_batch_images_sum"], values["lumen_batch_images_count"]
 
 

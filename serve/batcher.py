@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine import LumenError, SamplerConfig
+from engine import SamplerConfig
 
 
 class QueueFullError(Exception):
@@ -233,14 +233,14 @@ class Batcher:
         start = time.perf_counter()
         try:
             images = run_batch(self.engine, batch[0].key, batch, self.output_type)
-        except (LumenError, ValueError, TypeError) as err:
+        except (ValueError, TypeError) as err:  # engine's InvalidInput/InvalidTypeError
             if len(batch) > 1:  # one request's input is at fault: serve each alone to tell which
                 for job in batch:
-                    self._run_alone(job)
+                    self._run([job])  # sets the job's own result or error
                 return
             batch[0].future.set_exception(err)
             return
-        except Exception as err:  # noqa: BLE001 - out of memory or a model failure: report it
+        except Exception as err:  # noqa: BLE001 - out of memory, non-finite output, a model failure
             failure = ModelError(f"{type(err).__name__}: {err}")
             for job in batch:
                 job.future.set_exception(failure)
@@ -251,15 +251,6 @@ class Batcher:
         for job in batch:
             job.future.set_result(images[offset:offset + job.n])
             offset += job.n
-
-    def _run_alone(self, job: Job) -> None:
-        retry = Job(job.key, job.prompts, job.negative_prompts, job.seeds, job.created)
-        retry.future.set_running_or_notify_cancel()
-        self._run([retry])
-        try:
-            job.future.set_result(retry.future.result())
-        except Exception as err:  # noqa: BLE001 - hand the job its own error
-            job.future.set_exception(err)
 
     def _record(self, images: int, seconds: float) -> None:
         self.batches += 1

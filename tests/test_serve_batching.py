@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import engine
-from serve.batcher import Batcher, BatchKey, Job
+from serve.batcher import Batcher, BatchKey, Job, ModelError
 
 from server_helpers import RunningServer
 
@@ -199,3 +199,24 @@ def wait_until(condition, timeout=30.0, step=0.02) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(step)
+
+
+def test_non_finite_output_fails_the_batch_once_without_rerunning_each_request(eng):
+    """NaN comes from the model and dtype, not from one request's input: no split, one 503."""
+    calls = []
+
+    def nan_runner(*args, **kwargs):
+        calls.append(1)
+        return eng.runner(*args, **kwargs) * float("nan")
+
+    failing = engine.Engine(eng.components, eng.config, nan_runner, eng.device, eng.dtype)
+    batcher = Batcher(failing, max_batch=8, batch_wait_ms=500)
+    try:
+        key = key_for(eng)
+        futures = [batcher.submit(job(key, i, 1)) for i in range(3)]
+        for f in futures:
+            with pytest.raises(ModelError, match="NonFiniteOutputError"):
+                f.result(timeout=120)
+    finally:
+        batcher.stop()
+    assert len(calls) == key.steps  # one batch, one UNet call per step: no rerun per request
