@@ -27,6 +27,7 @@ setup(
         "pillow>=9.0",
         "tqdm>=4.60",
         "filelock>=3.12",  # the artifact cache's build lock
+        "peft>=0.13",  # diffusers loads LoRAs (engine.build(lora=...)) through PEFT
     ],
     extras_require={
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"],

@@ -28,7 +28,24 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour factor for viewing small images")
     p.add_argument("--device", default=None)
+    add_lora_argument(p)
     p.set_defaults(func=run_generate)
+
+
+def add_lora_argument(p) -> None:
+    p.add_argument("--lora", type=lora_arg, action="append", default=None, metavar="PATH[:SCALE]",
+                   help="LoRA safetensors (diffusers or kohya) fused into the model; repeatable")
+
+
+def lora_arg(text: str) -> tuple[str, float]:
+    """--lora PATH or PATH:SCALE (scale 1 when the part after the last colon is no number)."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
 
 
 def run_generate(args) -> int:
@@ -38,7 +55,7 @@ def run_generate(args) -> int:
     import engine
 
     start = time.perf_counter()
-    eng = engine.build(args.model, device=args.device)
+    eng = engine.build(args.model, device=args.device, lora=args.lora)
     changes = {k: v for k, v in (("sampler", args.sampler), ("timestep_spacing", args.spacing)) if v}
     if changes:
         eng.config = eng.config.replace(**changes)

@@ -1,5 +1,6 @@
 """The public API: `engine.build(model, ...)` returns an Engine; `Engine.run(...)` makes images."""
 import math
+from pathlib import Path
 
 import torch
 
@@ -9,6 +10,7 @@ from . import samplers
 from .config import SamplerConfig
 from .errors import BackendUnavailableError, InvalidInputError, InvalidTypeError
 from .graphs import GraphCache, GraphKey, graph_runner, resolve_mode
+from .lora import fuse_loras, parse_loras
 from .models import Components, load_components
 from .output import OUTPUT_TYPES, decode, set_vae_options
 from .prompts import added_conditioning, embed_prompts, time_ids
@@ -20,7 +22,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None,
           initial_step=None, backend_options: dict | None = None, cuda_graph="auto",
-          graph_cache_size: int = 8, vae_slicing: bool = False, vae_tiling: bool = False) -> "Engine":
+          graph_cache_size: int = 8, vae_slicing: bool = False, vae_tiling: bool = False,
+          lora=None) -> "Engine":
     """An Engine for `model` (UNet, pipeline, local folder or built-in name), ready to run.
 
     scheduler=None reads how the model was trained (betas, T, prediction type, zero terminal
@@ -36,6 +39,9 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
     vae_slicing / vae_tiling: decode a batch one image at a time / a large image in tiles,
     through the VAE's enable_slicing / enable_tiling (set on the model's VAE, which a passed-in
     pipeline shares).
+    lora: LoRA safetensors (diffusers or kohya format) fused into the UNet and text encoders
+    before export or capture: a path, (path, scale), or a list of them (engine.lora); a UNet or
+    pipeline passed in keeps its own weights.
     """
     check_choice("backend", backend, BACKENDS)
     device = torch.device(device if device is not None else
@@ -52,10 +58,14 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
         check_available(device)  # before loading any weights
     options = dict(backend_options or {})
     compile_mode = torch_compile_mode(options.pop("compile", False)) if backend == "torch" else None
-    components = load_components(model, initial_step).to(device, dtype)
+    loras = parse_loras(lora)  # before loading any weights: a missing file fails fast
+    components = load_components(model, initial_step)
+    components = fuse_loras(components, loras, copy_modules=not isinstance(model, (str, Path)))
+    components = components.to(device, dtype)
     set_vae_options(components.vae, vae_slicing, vae_tiling)
     config = sampler_config(scheduler, components.scheduler_config)
-    runner = unet_runner(components.unet, backend, device, dtype, options, compile_mode)
+    provenance = tuple(spec.provenance for spec in loras) if backend != "torch" else ()
+    runner = unet_runner(components.unet, backend, device, dtype, options, compile_mode, provenance)
     return Engine(components, config, runner, device, dtype, backend, use_graphs, cache)
 
 
@@ -90,8 +100,12 @@ def sampler_config(scheduler, model_config: dict | None) -> SamplerConfig:
     return SamplerConfig()  # a bare UNet: assume Lin et al.'s setup (zero SNR, v-prediction)
 
 
-def unet_runner(unet, backend: str, device, dtype, options: dict, compile_mode: str | None = None):
-    """runner(sample, timestep, encoder_hidden_states, **added) -> UNet output on the backend."""
+def unet_runner(unet, backend: str, device, dtype, options: dict, compile_mode: str | None = None,
+                loras: tuple = ()):
+    """runner(sample, timestep, encoder_hidden_states, **added) -> UNet output on the backend.
+
+    loras: the fused LoRAs' provenance (file hash, scale), recorded in the export cache key.
+    """
     if backend == "torch":
         if options:
             raise InvalidInputError(f"backend_options={options!r} with backend='torch'; expected "
@@ -102,7 +116,7 @@ def unet_runner(unet, backend: str, device, dtype, options: dict, compile_mode: 
     except ImportError as err:
         raise BackendUnavailableError(f"backend={backend!r} cannot load ({err}); "
                                       "use backend='torch'") from err
-    return load_runner(unet, backend, device=device, dtype=dtype, **options)
+    return load_runner(unet, backend, device=device, dtype=dtype, loras=loras, **options)
 
 
 class TorchRunner:

@@ -48,8 +48,11 @@ def build(unet: torch.nn.Module, backend: str, *, device: str | torch.device, dt
           cache_dir: str | Path | None = None, min_shape: Shape | None = None,
           opt_shape: Shape | None = None, max_shape: Shape | None = None,
           exporter: str = "torchscript", optimization_level: int = 3,
-          progress: Progress | None = None) -> Artifact:
-    """Export (and for TensorRT build) through the cache; returns the artifact to load."""
+          progress: Progress | None = None, loras: tuple = ()) -> Artifact:
+    """Export (and for TensorRT build) through the cache; returns the artifact to load.
+
+    loras: provenance (file sha256, scale) of LoRAs fused into unet, recorded in the key.
+    """
     check_choice("backend", backend, BACKENDS)
     check_choice("exporter", exporter, EXPORTERS)
     device = torch.device(device)
@@ -60,7 +63,8 @@ def build(unet: torch.nn.Module, backend: str, *, device: str | torch.device, dt
     signature = UNetSignature.of(unet.config)
     profile = default_profile(unet, min_shape, opt_shape, max_shape)
     cache = ArtifactCache(cache_dir)
-    onnx_path, hit = export_cached(unet, cache, dtype=dtype, exporter=exporter, progress=progress)
+    onnx_path, hit = export_cached(unet, cache, dtype=dtype, exporter=exporter, progress=progress,
+                                   loras=loras)
     path = onnx_path
     if backend == "tensorrt":
         from .trt_backend import build_cached
@@ -75,12 +79,14 @@ def load_runner(unet: torch.nn.Module, backend: str, *, device: str | torch.devi
                 dtype: torch.dtype, cache_dir: str | Path | None = None,
                 min_shape: Shape | None = None, opt_shape: Shape | None = None,
                 max_shape: Shape | None = None, exporter: str = "torchscript",
-                provider: str = "auto", progress: Progress | None = None) -> Runner:
+                provider: str = "auto", progress: Progress | None = None,
+                loras: tuple = ()) -> Runner:
     """A runner for backend, exporting/building on a cache miss.
 
     Shapes are latent (batch, height, width). For TensorRT they are the optimization profile;
     onnxruntime runs any multiple of 2^downsamplers, and only validates them. provider picks
     onnxruntime's execution provider: auto (CPU or CUDA by device), cpu, cuda or tensorrt.
+    loras: provenance of LoRAs fused into unet (engine.lora), kept in the cache key.
     """
     device = torch.device(device)
     if backend == "onnxruntime":
@@ -90,7 +96,7 @@ def load_runner(unet: torch.nn.Module, backend: str, *, device: str | torch.devi
         providers_for(device, provider, None)
     artifact = build(unet, backend, device=device, dtype=dtype, cache_dir=cache_dir,
                      min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
-                     exporter=exporter, progress=progress)
+                     exporter=exporter, progress=progress, loras=loras)
     if backend == "onnxruntime":
         from .ort_backend import OrtRunner
 

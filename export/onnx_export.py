@@ -227,8 +227,11 @@ def _quiet_exporter():
 
 
 def onnx_key_fields(unet: torch.nn.Module, dtype: torch.dtype, exporter: str,
-                    opset: int | None = None) -> dict:
+                    opset: int | None = None, loras: tuple = ()) -> dict:
     """Everything that determines the ONNX file; private config keys (paths) are left out.
+
+    loras: the fused LoRAs (file sha256, scale). The weights hash already covers them; they are
+    kept so that an entry says which LoRAs it holds.
 
     The graph is diffusers' forward with the UNet's attention processors, traced by this
     module: their versions are part of the key (EXPORT_FORMAT changes with this file's output).
@@ -238,21 +241,24 @@ def onnx_key_fields(unet: torch.nn.Module, dtype: torch.dtype, exporter: str,
 
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     processors = sorted({type(p).__name__ for p in getattr(unet, "attn_processors", {}).values()})
-    return {"artifact": "onnx", "weights_sha256": weights_sha256(unet), "config": config,
-            "dtype": str(dtype), "exporter": exporter, "opset": opset or OPSETS[exporter],
-            "torch": torch.__version__, "onnx": onnx.__version__,
-            "diffusers": diffusers.__version__, "attn_processors": processors,
-            "export_format": EXPORT_FORMAT}
+    fields = {"artifact": "onnx", "weights_sha256": weights_sha256(unet), "config": config,
+              "dtype": str(dtype), "exporter": exporter, "opset": opset or OPSETS[exporter],
+              "torch": torch.__version__, "onnx": onnx.__version__,
+              "diffusers": diffusers.__version__, "attn_processors": processors,
+              "export_format": EXPORT_FORMAT}
+    if loras:  # absent without LoRAs, so that entries made before LoRA support still match
+        fields["loras"] = [dict(lora) for lora in loras]
+    return fields
 
 
 def export_cached(unet: torch.nn.Module, cache: ArtifactCache, *, dtype: torch.dtype,
-                  exporter: str = "torchscript",
-                  progress: Progress | None = None) -> tuple[Path, bool]:
+                  exporter: str = "torchscript", progress: Progress | None = None,
+                  loras: tuple = ()) -> tuple[Path, bool]:
     """(path of the cached unet.onnx, cache hit); exports on a miss."""
     check_export_args(unet, dtype, exporter)
     phase = (progress or Progress(enabled=False)).phase
     with phase("hashing UNet weights"):
-        fields = onnx_key_fields(unet, dtype, exporter)
+        fields = onnx_key_fields(unet, dtype, exporter, loras=loras)
 
     def build(staging: Path) -> None:
         with phase(f"exporting ONNX ({exporter}, {DTYPE_NAMES[dtype]})"):

@@ -3,12 +3,15 @@ import os
 import signal
 from pathlib import Path
 
+from engine.cli import add_lora_argument
+
 
 def add_serve_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="HTTP server (OpenAI and AUTOMATIC1111 APIs) with dynamic batching")
     p.add_argument("--model", default="default", help="built-in name (default, flawed) or a local diffusers folder")
     p.add_argument("--backend", default="torch", help="torch, onnxruntime or tensorrt")
     p.add_argument("--device", default=None)
+    add_lora_argument(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-batch", type=int, default=8, help="images per Engine.run")
@@ -58,7 +61,7 @@ def run_serve(args) -> int:
 
     from .app import create_app
 
-    eng = engine.build(args.model, backend=args.backend, device=args.device)
+    eng = engine.build(args.model, backend=args.backend, device=args.device, lora=args.lora)
     app = create_app(eng, model_name=model_label(args.model), **limits_from(args))
     print(f"lumen serve: {model_label(args.model)} on {eng.device}, warming up, then "
           f"http://{args.host}:{args.port}", flush=True)

@@ -23,6 +23,7 @@ from ray import serve
 
 import engine
 from engine import InvalidInputError
+from engine.cli import lora_arg
 
 from .app import Limits, create_app
 from .cli import limits_from, model_label
@@ -30,7 +31,7 @@ from .cli import limits_from, model_label
 APP_NAME = "lumen"
 REPLICA_HEADER = "X-Lumen-Replica"
 # build_app's arguments besides Limits' fields (serve run KEY=VALUE, or the YAML's args).
-BUILD_ARGS = ("model", "backend", "device", "replicas", "autoscale", "cpus", "threads")
+BUILD_ARGS = ("model", "backend", "device", "replicas", "autoscale", "cpus", "threads", "lora")
 
 
 class ReplicaHeaderMiddleware:
@@ -56,12 +57,14 @@ class LumenDeployment:
     """One replica: one engine, and serve/app.py's app (with its batcher) over it."""
 
     def __init__(self, model: str = "default", backend: str = "torch", device: str | None = None,
-                 threads: int | None = None, limits: dict | None = None):
+                 threads: int | None = None, limits: dict | None = None, lora: list | None = None):
         if threads is not None:
             torch.set_num_threads(threads)  # a CPU replica's share of the host's cores
         self.limits = Limits(**(limits or {}))
         self.model_name = model_label(model)
-        self.engine = engine.build(model, backend=backend, device=device)
+        # lora: paths or (path, scale) pairs, which Serve's config round trip makes lists
+        loras = [tuple(item) if isinstance(item, list) else item for item in lora or ()]
+        self.engine = engine.build(model, backend=backend, device=device, lora=loras or None)
 
     def __serve_build_asgi_app__(self):
         app = create_app(self.engine, model_name=self.model_name, **dataclasses.asdict(self.limits))
@@ -148,7 +151,14 @@ def build_app(args: dict) -> "serve.Application":
     threads = int(threads) if threads is not None else (None if gpus else cpu_threads(options))
     return LumenDeployment.options(**options).bind(
         model=args.get("model", "default"), backend=args.get("backend", "torch"), device=device,
-        threads=threads, limits=dataclasses.asdict(limits))
+        threads=threads, limits=dataclasses.asdict(limits), lora=lora_args(args.get("lora")))
+
+
+def lora_args(value):
+    """serve run's lora=PATH[:SCALE],... string, or YAML's list of paths / [path, scale]."""
+    if isinstance(value, str):
+        return [lora_arg(part) for part in value.split(",") if part]
+    return value
 
 
 def cpu_threads(options: dict) -> int:
@@ -180,7 +190,7 @@ def run_ray(args) -> int:
         serve.start(http_options={"host": args.host, "port": args.port})
         deployment = LumenDeployment.options(**options).bind(
             model=args.model, backend=args.backend, device=args.device, threads=threads,
-            limits=dataclasses.asdict(limits))
+            limits=dataclasses.asdict(limits), lora=args.lora)
         serve.run(deployment, name=APP_NAME, route_prefix="/")  # returns once replicas are up
         scale = f"{autoscale[0]}-{autoscale[1]}" if autoscale else str(replicas)
         print(f"lumen serve --ray: {model_label(args.model)}, {scale} replica(s) "

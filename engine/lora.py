@@ -1,0 +1,216 @@
+"""LoRA: diffusers- or kohya-format safetensors, read by diffusers and fused into the weights.
+
+Each LoRA i with scale s_i is merged in turn, so the model runs W + sum_i s_i * dW_i, exactly as
+diffusers' `load_lora_weights` + `set_adapters` + `fuse_lora`. Fusion happens before any export
+or graph capture: every backend runs plain weights, at no cost per step.
+"""
+import copy
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .clip import ClipPromptEncoder, SdxlPromptEncoder
+from .errors import InvalidInputError, InvalidTypeError
+from .validation import check_real
+
+# One low-rank "down" matrix per adapted layer, in each format diffusers reads.
+_DOWN_KEY = re.compile(r"(lora_A|lora\.down|lora_down|_lora\.down|lora_linear_layer\.down)\.weight$")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA file and the scale it is fused with."""
+
+    path: Path
+    scale: float = 1.0
+
+    def __post_init__(self):
+        check_real(f"LoRA {str(self.path)!r} scale", self.scale)
+        if not math.isfinite(self.scale):
+            raise InvalidInputError(f"LoRA {str(self.path)!r} scale={self.scale}; expected a finite number")
+        if not self.path.is_file():
+            raise InvalidInputError(f"LoRA file {str(self.path)!r} does not exist; expected a "
+                                    ".safetensors file in diffusers or kohya format")
+        if self.path.suffix != ".safetensors":
+            raise InvalidInputError(f"LoRA file {str(self.path)!r}; expected a .safetensors file "
+                                    "(pickled .bin/.pt LoRAs are not loaded)")
+
+    @property
+    def provenance(self) -> dict:
+        """What identifies this LoRA in a cache key: the file's content hash and the scale."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return {"sha256": digest.hexdigest(), "scale": float(self.scale)}
+
+
+def parse_loras(lora) -> tuple[LoraSpec, ...]:
+    """`lora=` of engine.build: None, a path, (path, scale), or a list of paths / (path, scale)."""
+    if lora is None:
+        return ()
+    if _is_path(lora) or _is_pair(lora):
+        lora = [lora]
+    if not isinstance(lora, (list, tuple)):
+        raise InvalidTypeError(f"lora={lora!r} of type {type(lora).__name__}; expected a path, "
+                               "(path, scale), or a list of them")
+    specs = []
+    for item in lora:
+        if _is_path(item):
+            specs.append(LoraSpec(Path(item)))
+        elif _is_pair(item):
+            specs.append(LoraSpec(Path(item[0]), item[1]))
+        else:
+            raise InvalidTypeError(f"lora entry {item!r}; expected a path or (path, scale)")
+    return tuple(specs)
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, (str, Path))
+
+
+def _is_pair(value) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and _is_path(value[0])
+
+
+def fuse_loras(components, specs: tuple[LoraSpec, ...], copy_modules: bool):
+    """Components with every LoRA fused into the UNet and text encoders.
+
+    copy_modules: fuse into copies of the adapted modules, so that a UNet or pipeline the caller
+    passed in keeps its own weights; a model Lumen loaded itself is fused in place.
+    """
+    if not specs:
+        return components
+    _require_peft()
+    unet = copy.deepcopy(components.unet) if copy_modules else components.unet
+    texts = _text_modules(components.text_encoder)
+    if copy_modules:
+        texts = {prefix: copy.deepcopy(module) for prefix, module in texts.items()}
+    mixin = _mixin(components)
+    for i, spec in enumerate(specs):
+        state_dict, alphas, metadata = _read(mixin, spec, unet)
+        groups = _split(state_dict, spec, components.text_encoder, texts)
+        if "unet" in groups:
+            _fuse_unet(mixin, groups["unet"], alphas, metadata, unet, spec, f"lumen_lora_{i}")
+        for prefix, part in groups.items():
+            if prefix != "unet":
+                _fuse_text(mixin, part, alphas, metadata, texts[prefix], prefix, spec,
+                           f"lumen_lora_{i}")
+    components.unet = unet
+    components.text_encoder = _with_text_modules(components.text_encoder, texts)
+    return components
+
+
+def _require_peft() -> None:
+    try:
+        import peft  # noqa: F401  (diffusers injects LoRA layers through PEFT)
+    except ImportError as err:
+        raise InvalidInputError(f"lora= needs the peft package ({err}); pip install peft") from err
+
+
+def _mixin(components):
+    """diffusers' loader for this model family: SDXL's also reads text_encoder_2 keys."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+    sdxl = getattr(components.unet.config, "addition_embed_type", None) == "text_time"
+    return StableDiffusionXLLoraLoaderMixin if sdxl else StableDiffusionLoraLoaderMixin
+
+
+def _text_modules(encoder) -> dict:
+    """The CLIP text encoders a LoRA may adapt, by their diffusers key prefix."""
+    if isinstance(encoder, ClipPromptEncoder):
+        return {"text_encoder": encoder.module}
+    if isinstance(encoder, SdxlPromptEncoder):
+        # SDXL has text_encoder and text_encoder_2; its refiner has only the second
+        prefixes = ("text_encoder", "text_encoder_2")[-len(encoder.parts):]
+        return dict(zip(prefixes, encoder.parts))
+    return {}
+
+
+def _with_text_modules(encoder, texts: dict):
+    if isinstance(encoder, ClipPromptEncoder):
+        return ClipPromptEncoder(encoder.tokenizer, texts["text_encoder"])
+    if isinstance(encoder, SdxlPromptEncoder):
+        return SdxlPromptEncoder(encoder.tokenizers, tuple(texts.values()),
+                                 encoder.force_zeros_for_empty_prompt)
+    return encoder
+
+
+def _read(mixin, spec: LoraSpec, unet):
+    """(state_dict, network_alphas, metadata) in diffusers' format, kohya keys converted."""
+    try:
+        state_dict, alphas, metadata = mixin.lora_state_dict(
+            str(spec.path), unet_config=unet.config, return_lora_metadata=True)
+    except Exception as err:  # safetensors, diffusers' converters: any failure means a bad file
+        raise InvalidInputError(f"cannot read LoRA {str(spec.path)!r}: {err}; expected LoRA "
+                                "safetensors in diffusers or kohya format") from err
+    if not state_dict or not any("lora" in k for k in state_dict):
+        raise InvalidInputError(f"{str(spec.path)!r} holds no LoRA weights (no key names 'lora'); "
+                                "expected LoRA safetensors in diffusers or kohya format")
+    return state_dict, alphas, metadata
+
+
+def _split(state_dict: dict, spec: LoraSpec, encoder, texts: dict) -> dict:
+    """Keys grouped by the component they adapt; keys for a component the model lacks raise."""
+    groups: dict[str, dict] = {}
+    for key, value in state_dict.items():
+        prefix = key.split(".", 1)[0]
+        groups.setdefault(prefix, {})[key] = value
+    unknown = sorted(set(groups) - {"unet", *texts})
+    if unknown:
+        has = ", ".join(["unet", *texts])
+        what = type(encoder).__name__ if encoder is not None else "no text encoder"
+        raise InvalidInputError(f"LoRA {str(spec.path)!r} adapts {', '.join(unknown)}, which this "
+                                f"model does not have (it has {has}; text encoder: {what}); "
+                                "expected a LoRA made for this model family")
+    return groups
+
+
+def _fuse_unet(mixin, state_dict, alphas, metadata, unet, spec: LoraSpec, name: str) -> None:
+    try:
+        mixin.load_lora_into_unet(state_dict, alphas, unet, adapter_name=name, metadata=metadata)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise InvalidInputError(f"LoRA {str(spec.path)!r} does not fit this UNet: {_first_line(err)}; "
+                                "expected a LoRA made for this model") from err
+    _check_injected(unet, state_dict, "unet", spec)
+    unet.fuse_lora(lora_scale=spec.scale, adapter_names=[name])
+    unet.unload_lora()
+
+
+def _fuse_text(mixin, state_dict, alphas, metadata, module, prefix: str, spec: LoraSpec,
+               name: str) -> None:
+    from diffusers.loaders.lora_base import fuse_text_encoder_lora
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    try:
+        mixin.load_lora_into_text_encoder(state_dict, alphas, module, prefix=prefix,
+                                          adapter_name=name, metadata=metadata)
+    except (RuntimeError, ValueError, KeyError, IndexError) as err:
+        raise InvalidInputError(f"LoRA {str(spec.path)!r} does not fit {prefix}: {_first_line(err)}; "
+                                "expected a LoRA made for this model") from err
+    _check_injected(module, state_dict, prefix, spec)
+    fuse_text_encoder_lora(module, lora_scale=spec.scale, adapter_names=[name])
+    recurse_remove_peft_layers(module)  # the merged base layers stay, the adapters go
+    if hasattr(module, "peft_config"):
+        del module.peft_config
+    module._hf_peft_config_loaded = None
+
+
+def _check_injected(module: torch.nn.Module, state_dict: dict, prefix: str, spec: LoraSpec) -> None:
+    """Every adapted layer in the file must exist in the model: a partial match is a wrong model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wanted = sum(1 for k in state_dict if _DOWN_KEY.search(k))
+    found = sum(1 for m in module.modules() if isinstance(m, BaseTunerLayer))
+    if found < wanted:
+        raise InvalidInputError(f"LoRA {str(spec.path)!r} adapts {wanted} {prefix} layers but only "
+                                f"{found} exist in this model; expected a LoRA made for this model")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
