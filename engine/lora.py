@@ -207,8 +207,8 @@ def _check_injected(module: torch.nn.Module, state_dict: dict, prefix: str, spec
     wanted = sum(1 for k in state_dict if _DOWN_KEY.search(k))
     found = sum(1 for m in module.modules() if isinstance(m, BaseTunerLayer))
     if found < wanted:
-        raise InvalidInputError(f"LoRA {str(spec.path)!r} adapts {wanted} {prefix} layers but only "
-                                f"{found} exist in this model; expected a LoRA made for this model")
+        raise InvalidInputError(f"LoRA {str(spec.path)!r} adapts {wanted} {prefix} layers but this "
+                                f"model has only {found} of them; expected a LoRA made for this model")
 
 
 def _first_line(err: Exception) -> str:

@@ -114,33 +114,42 @@ def test_lora_on_a_folder_and_a_bare_unet(sd_loras, tiny_pipeline_dir):
         torch.testing.assert_close(bare.components.unet.state_dict()[name], weight, rtol=0, atol=1e-6)
 
 
-def kohya(unet_layers: dict, alpha: float) -> dict:
-    """diffusers UNet LoRA keys (`<module>.lora.down.weight`) in kohya's naming, with alphas."""
+def kohya(layers: dict, prefix: str, alpha: float) -> dict:
+    """diffusers LoRA keys (`<module>.lora.down.weight`, `<module>.lora_linear_layer.down.weight`)
+    in kohya's naming (`<prefix>_<module with _>.lora_down.weight`), with alphas."""
     out = {}
-    for key, value in unet_layers.items():
-        module, kind = key.rsplit(".lora.", 1)
-        name = "lora_unet_" + module.replace(".", "_")
+    for key, value in layers.items():
+        module, kind = key.replace(".lora_linear_layer.", ".lora.").rsplit(".lora.", 1)
+        name = f"{prefix}_" + module.replace(".", "_")
         out[f"{name}.lora_{kind.split('.')[0]}.weight"] = value.contiguous()
         out[f"{name}.alpha"] = torch.tensor(alpha)
     return out
 
 
 def test_kohya_format_matches_diffusers_and_scales_by_alpha_over_rank(tmp_path):
-    unet = make_tiny_unet()
-    layers = lora_layers(unet, UNET_TARGETS, 4, 5)
+    base = make_tiny_pipeline(make_tiny_unet())
+    layers = lora_layers(base.unet, UNET_TARGETS, 4, 5)
+    # kohya LoRAs adapt every attention projection (diffusers infers the format from out_proj's)
+    attention = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    text = {f"text_model.{k}": v for k, v in lora_layers(base.text_encoder, attention, 2, 6).items()}
     path = tmp_path / "kohya.safetensors"
-    save_file(kohya(layers, alpha=2.0), path)
+    save_file({**kohya(layers, "lora_unet", alpha=2.0), **kohya(text, "lora_te", alpha=1.0)}, path)
     pipe = make_tiny_pipeline(make_tiny_unet())
     pipe.load_lora_weights(str(path))
     pipe.fuse_lora(lora_scale=0.8)
     theirs = diffusers_images(pipe)
-    eng = engine.build(make_tiny_pipeline(make_tiny_unet()), lora=(str(path), 0.8), device="cpu")
+    eng = engine.build(base, lora=(str(path), 0.8), device="cpu")
     np.testing.assert_allclose(lumen_images(eng), theirs, rtol=0, atol=ATOL)
     # W + scale * alpha / rank * up @ down, computed here from the file
     q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     up, down = layers[f"{q}.lora.up.weight"], layers[f"{q}.lora.down.weight"]
-    expected = unet.state_dict()[f"{q}.weight"] + 0.8 * (2.0 / 4) * up @ down
+    expected = base.unet.state_dict()[f"{q}.weight"] + 0.8 * (2.0 / 4) * up @ down
     torch.testing.assert_close(eng.components.unet.state_dict()[f"{q}.weight"], expected, rtol=0, atol=1e-6)
+    v = "encoder.layers.1.self_attn.v_proj"
+    up, down = (text[f"text_model.{v}.lora_linear_layer.{k}.weight"] for k in ("up", "down"))
+    expected = base.text_encoder.state_dict()[f"{v}.weight"] + 0.8 * (1.0 / 2) * up @ down
+    torch.testing.assert_close(eng.components.text_encoder.module.state_dict()[f"{v}.weight"], expected,
+                               rtol=0, atol=1e-6)
 
 
 def test_sdxl_lora_on_both_text_encoders_matches_diffusers(tmp_path):
@@ -200,10 +209,12 @@ def test_lora_of_another_model_is_refused(tmp_path, sd_loras):
     wrong_shapes = save_lora(tmp_path / "shapes", unet_lora_layers=lora_layers(sdxl_unet, ["to_k"], 2, 9))
     with pytest.raises(InvalidInputError, match="shapes.*does not fit this UNet"):
         engine.build(make_tiny_unet(), lora=wrong_shapes)
-    layers = lora_layers(make_tiny_unet(), ["to_q"], 2, 9)
-    layers = {k.replace("down_blocks.0.", "down_blocks.7."): v for k, v in layers.items()}
-    no_such_layers = save_lora(tmp_path / "layers", unet_lora_layers=layers)
-    with pytest.raises(InvalidInputError, match="layers"):
+    layers = lora_layers(make_tiny_unet(), ["to_q"], 2, 9)  # 8 layers; 2 more in a block it lacks
+    extra = {k.replace("down_blocks.0.", "down_blocks.7."): v.clone() for k, v in layers.items()
+             if k.startswith("down_blocks.0.")}
+    assert (len(layers) // 2, len(extra) // 2) == (8, 2)
+    no_such_layers = save_lora(tmp_path / "layers", unet_lora_layers={**layers, **extra})
+    with pytest.raises(InvalidInputError, match="adapts 10 unet layers but this model has only 8"):
         engine.build(make_tiny_unet(), lora=no_such_layers)
 
 
