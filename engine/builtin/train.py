@@ -55,6 +55,7 @@ class TrainConfig(RunConfig):
 
     variant: str = "default"
     text_dim: int = 64
+    min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023); None: plain MSE
 
     def __post_init__(self):
         super().__post_init__()
@@ -83,10 +84,13 @@ def drop_captions(captions: list[str], g: torch.Generator, p: float) -> list[str
 
 
 def diffusion_loss(encoder, unet, x0: torch.Tensor, captions: list[str], abar: torch.Tensor,
-                   prediction_type: str, g: torch.Generator, caption_dropout: float) -> torch.Tensor:
+                   prediction_type: str, g: torch.Generator, caption_dropout: float,
+                   min_snr_gamma: float | None = None) -> torch.Tensor:
     """MSE of the model output against v = a*eps - s*x0 (or eps), t uniform in [0, T-1].
 
     x0: [B, 3, H, W]; abar: [T] float32; captions are replaced by "" with prob caption_dropout.
+    min_snr_gamma: weight each sample so that its x0 error counts min(SNR, gamma) times
+    (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy").
     """
     B = x0.shape[0]
     captions = drop_captions(captions, g, caption_dropout)
@@ -99,7 +103,17 @@ def diffusion_loss(encoder, unet, x0: torch.Tensor, captions: list[str], abar: t
         raise InvalidInputError(f"prediction_type={prediction_type!r}; expected one of {sorted(targets)}")
     target = targets[prediction_type]()
     out = unet(x_t, t, encoder_hidden_states=encoder.encode(captions)).sample
-    return torch.nn.functional.mse_loss(out, target)
+    if min_snr_gamma is None:
+        return torch.nn.functional.mse_loss(out, target)
+    per_sample = (out - target).pow(2).mean(dim=(1, 2, 3))  # [B]
+    return (per_sample * min_snr_weight(abar[t], prediction_type, min_snr_gamma)).mean()
+
+
+def min_snr_weight(abar_t: torch.Tensor, prediction_type: str, gamma: float) -> torch.Tensor:
+    """min(SNR, gamma) over the factor by which the target's error counts the x0 error:
+    SNR + 1 for v (x0 - x0_hat = s * (v_hat - v)), SNR for eps."""
+    snr = abar_t / (1 - abar_t)
+    return snr.clamp(max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
 
 
 class EMA:
@@ -171,7 +185,7 @@ def train(config: TrainConfig, log=print, init_from=None):
     def batch_loss():
         x0, captions = scenes.sample_batch(config.batch_size, data_g, config.image_size)
         return diffusion_loss(encoder, unet, x0, captions, abar, sampler_config.prediction_type,
-                              noise_g, config.caption_dropout)
+                              noise_g, config.caption_dropout, config.min_snr_gamma)
 
     stats = fit((encoder, unet), batch_loss, config, log, log_every=100)
     return encoder.eval(), unet.eval(), stats
@@ -219,13 +233,17 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--threads", type=int, default=TrainConfig.threads)
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
+    p.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
+    p.add_argument("--min-snr-gamma", type=float, default=None,
+                   help="Min-SNR-gamma loss weighting (e.g. 5); default: plain MSE")
     p.add_argument("--init-from", type=pathlib.Path, default=None,
                    help="continue from this model directory's weights (its training.json is kept)")
     p.add_argument("--out", type=pathlib.Path, default=None,
                    help="output directory (default: engine/builtin/weights/<variant>)")
     args = p.parse_args(argv)
     config = TrainConfig(variant=args.variant, steps=args.steps, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed, threads=args.threads, warmup=args.warmup)
+                         lr=args.lr, seed=args.seed, threads=args.threads, warmup=args.warmup,
+                         ema_decay=args.ema_decay, min_snr_gamma=args.min_snr_gamma)
     previous = None
     if args.init_from is not None:
         previous = json.loads((args.init_from / "training.json").read_text())
