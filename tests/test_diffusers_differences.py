@@ -59,6 +59,21 @@ def test_trailing_thirty_steps_feeds_the_model_off_schedule_inputs_in_diffusers(
     torch.testing.assert_close(lumen(SamplerConfig(), x0, x_T, 30), x0, rtol=0, atol=1e-6)
 
 
+def test_linspace_feeds_the_model_off_schedule_inputs_in_diffusers(problem):
+    """linspace S = 25 lists 999, 957, 916, ... (steps of 41.6), but diffusers' DDIM steps t - 40."""
+    x0, x_T = problem
+    linspace = dict(ZERO_SNR_DDIM, timestep_spacing="linspace")
+    config = SamplerConfig.from_diffusers(DDIMScheduler(**linspace))
+    abar = config.train_abar().float()
+    inputs = []
+    diffusers_loop(DDIMScheduler(**linspace), OracleUNet(x0, config), x_T, 25, inputs=inputs)
+    mismatch = max(float((x - abar[t].sqrt() * x0 - (1 - abar[t]).sqrt() * x_T).abs().max())
+                   for t, x in inputs)
+    assert mismatch > 1e-3
+    assert make_plan(config, 25).timesteps.tolist() == [t for t, _ in inputs]
+    torch.testing.assert_close(lumen(config, x0, x_T, 25), x0, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("S", [25, 50])
 def test_eta_one_is_finite_where_diffusers_gives_nan(problem, S):
     x0, x_T = problem
