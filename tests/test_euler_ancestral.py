@@ -90,7 +90,8 @@ def diffusers_euler_ancestral(unet, scheduler, x_T, pos, neg, w, S):
     return x
 
 
-@pytest.mark.parametrize("prediction_type,spacing", [("epsilon", "leading"), ("v_prediction", "trailing")])
+@pytest.mark.parametrize("prediction_type,spacing", [("epsilon", "leading"), ("epsilon", "linspace"),
+                                                     ("v_prediction", "trailing")])
 def test_matches_diffusers_euler_ancestral_on_stable_diffusions_schedule(tiny_unet, prediction_type, spacing):
     """SD's scaled_linear schedule (no zero SNR), eta = 1 (diffusers has no eta), fed the same noise.
 
