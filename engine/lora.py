@@ -4,6 +4,7 @@ Each LoRA i with scale s_i is merged in turn, so the model runs W + sum_i s_i * 
 diffusers' `load_lora_weights` + `set_adapters` + `fuse_lora`. Fusion happens before any export
 or graph capture: every backend runs plain weights, at no cost per step.
 """
+import contextlib
 import copy
 import hashlib
 import math
@@ -187,8 +188,9 @@ def _fuse_text(mixin, state_dict, alphas, metadata, module, prefix: str, spec: L
     from diffusers.utils.peft_utils import recurse_remove_peft_layers
 
     try:
-        mixin.load_lora_into_text_encoder(state_dict, alphas, module, prefix=prefix,
-                                          adapter_name=name, metadata=metadata)
+        with _no_progress_bar():  # transformers' per-load "Loading weights" bar
+            mixin.load_lora_into_text_encoder(state_dict, alphas, module, prefix=prefix,
+                                              adapter_name=name, metadata=metadata)
     except (RuntimeError, ValueError, KeyError, IndexError) as err:
         raise InvalidInputError(f"LoRA {str(spec.path)!r} does not fit {prefix}: {_first_line(err)}; "
                                 "expected a LoRA made for this model") from err
@@ -198,6 +200,19 @@ def _fuse_text(mixin, state_dict, alphas, metadata, module, prefix: str, spec: L
     if hasattr(module, "peft_config"):
         del module.peft_config
     module._hf_peft_config_loaded = None
+
+
+@contextlib.contextmanager
+def _no_progress_bar():
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _check_injected(module: torch.nn.Module, state_dict: dict, prefix: str, spec: LoraSpec) -> None:

@@ -2,6 +2,9 @@
 same LoRAs fused; bad files fail at build with the file named."""
 import copy
 import json
+import re
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -242,3 +245,22 @@ def test_generate_fuses_loras_given_on_the_command_line(sd_loras, tiny_pipeline_
     with PIL.Image.open(out) as image:
         np.testing.assert_array_equal(np.asarray(image), np.asarray(expected))
     assert main([*args, "--lora", str(tmp_path / "missing.safetensors")]) == 2
+
+
+def build_output(model: str, lora: list) -> tuple[str, set]:
+    """(stdout, the progress bars as (name, total)) of a fresh interpreter building model."""
+    code = f"import engine; engine.build({model!r}, device='cpu', lora={lora!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    bars = set(re.findall(r"(\w[\w ]*)\.*:\s+\d+%\|[^|]*\| \d+/(\d+)", done.stderr))
+    rest = re.sub(r"[^\n\r]*\d+%\|[^\n\r]*", "", done.stderr).strip()
+    assert rest == "", done.stderr  # nothing but progress bars
+    return done.stdout, bars
+
+
+def test_fusing_loras_prints_nothing_more_than_loading(sd_loras, tiny_pipeline_dir):
+    """No diffusers notice and no adapter-loading bar: only the folder's own loading bars
+    (see test_diffusers_habits) remain."""
+    plain = build_output(str(tiny_pipeline_dir), None)
+    assert build_output(str(tiny_pipeline_dir), [sd_loras["a"], sd_loras["unet"]]) == plain
+    assert plain[0] == "" and plain[1]
