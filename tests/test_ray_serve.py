@@ -271,6 +271,14 @@ def test_build_app_reads_serve_run_arguments():
         build_app({"max_batch": "many"})
 
 
+@pytest.mark.parametrize("lora, expected", [
+    ("a.safetensors:0.5,b.safetensors", [("a.safetensors", 0.5), ("b.safetensors", 1.0)]),  # serve run
+    ([["a.safetensors", 0.5], "b.safetensors"], [["a.safetensors", 0.5], "b.safetensors"]),  # YAML
+])
+def test_build_app_passes_loras_to_each_replica(lora, expected):
+    assert build_app({"model": "default", "lora": lora})._bound_deployment.init_kwargs["lora"] == expected
+
+
 def test_lumen_serve_rejects_bad_scaling_before_starting_ray(capsys):
     from engine.cli import main
 
