@@ -75,7 +75,8 @@ def _is_path(value) -> bool:
 
 
 def _is_pair(value) -> bool:
-    return isinstance(value, tuple) and len(value) == 2 and _is_path(value[0])
+    """(path, scale); a tuple of two paths is two LoRAs."""
+    return isinstance(value, tuple) and len(value) == 2 and _is_path(value[0]) and not _is_path(value[1])
 
 
 def fuse_loras(components, specs: tuple[LoraSpec, ...], copy_modules: bool):
@@ -87,22 +88,22 @@ def fuse_loras(components, specs: tuple[LoraSpec, ...], copy_modules: bool):
     if not specs:
         return components
     _require_peft()
-    unet = copy.deepcopy(components.unet) if copy_modules else components.unet
-    texts = _text_modules(components.text_encoder)
-    if copy_modules:
-        texts = {prefix: copy.deepcopy(module) for prefix, module in texts.items()}
     mixin = _mixin(components)
-    for i, spec in enumerate(specs):
-        state_dict, alphas, metadata = _read(mixin, spec, unet)
-        groups = _split(state_dict, spec, components.text_encoder, texts)
-        if "unet" in groups:
-            _fuse_unet(mixin, groups["unet"], alphas, metadata, unet, spec, f"lumen_lora_{i}")
+    texts = _text_modules(components.text_encoder)
+    loaded = []  # every file read and checked before any module is copied or changed
+    for spec in specs:
+        state_dict, alphas, metadata = _read(mixin, spec, components.unet)
+        loaded.append((spec, _split(state_dict, spec, components.text_encoder, texts), alphas, metadata))
+    adapted = {prefix for _, groups, _, _ in loaded for prefix in groups}
+    modules = {"unet": components.unet, **texts}
+    if copy_modules:
+        modules = {k: copy.deepcopy(m) if k in adapted else m for k, m in modules.items()}
+    for i, (spec, groups, alphas, metadata) in enumerate(loaded):
         for prefix, part in groups.items():
-            if prefix != "unet":
-                _fuse_text(mixin, part, alphas, metadata, texts[prefix], prefix, spec,
-                           f"lumen_lora_{i}")
-    components.unet = unet
-    components.text_encoder = _with_text_modules(components.text_encoder, texts)
+            fuse = _fuse_unet if prefix == "unet" else _fuse_text
+            fuse(mixin, part, alphas, metadata, modules[prefix], prefix, spec, f"lumen_lora_{i}")
+    components.unet = modules.pop("unet")
+    components.text_encoder = _with_text_modules(components.text_encoder, modules)
     return components
 
 
@@ -171,13 +172,14 @@ def _split(state_dict: dict, spec: LoraSpec, encoder, texts: dict) -> dict:
     return groups
 
 
-def _fuse_unet(mixin, state_dict, alphas, metadata, unet, spec: LoraSpec, name: str) -> None:
+def _fuse_unet(mixin, state_dict, alphas, metadata, unet, prefix: str, spec: LoraSpec,
+               name: str) -> None:
     try:
         mixin.load_lora_into_unet(state_dict, alphas, unet, adapter_name=name, metadata=metadata)
     except (RuntimeError, ValueError, KeyError) as err:
         raise InvalidInputError(f"LoRA {str(spec.path)!r} does not fit this UNet: {_first_line(err)}; "
                                 "expected a LoRA made for this model") from err
-    _check_injected(unet, state_dict, "unet", spec)
+    _check_injected(unet, state_dict, prefix, spec)
     unet.fuse_lora(lora_scale=spec.scale, adapter_names=[name])
     unet.unload_lora()
 

@@ -104,6 +104,14 @@ def test_a_passed_pipeline_keeps_its_weights(sd_loras):
     assert not any("lora" in name for name, _ in eng.components.unet.named_parameters())
 
 
+def test_only_the_modules_a_lora_adapts_are_copied(sd_loras):
+    pipe = make_tiny_pipeline(make_tiny_unet())
+    eng = engine.build(pipe, lora=(sd_loras["unet"], sd_loras["unet"]), device="cpu")  # two paths: two LoRAs
+    assert eng.components.unet is not pipe.unet and eng.components.text_encoder.module is pipe.text_encoder
+    once = engine.build(make_tiny_unet(), lora=(sd_loras["unet"], 2.0), device="cpu").components.unet
+    torch.testing.assert_close(eng.components.unet.state_dict(), once.state_dict(), rtol=0, atol=1e-6)
+
+
 def test_lora_on_a_folder_and_a_bare_unet(sd_loras, tiny_pipeline_dir):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, local_files_only=True)
     pipe.load_lora_weights(sd_loras["unet"])
