@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from engine.cli import add_lora_argument
 from engine.errors import InvalidInputError
 
 from . import BACKENDS, build
@@ -41,6 +42,7 @@ def add_build_parser(subparsers) -> argparse.ArgumentParser:
                         help="TensorRT builder optimization level (default 3)")
     parser.add_argument("--cache-dir", type=Path,
                         help="artifact cache (default $LUMEN_CACHE_DIR or ~/.cache/lumen)")
+    add_lora_argument(parser)
     parser.set_defaults(func=run_build)
     return parser
 
@@ -51,17 +53,24 @@ def run_build(args: argparse.Namespace) -> int:
 
         check_available(torch.device(args.device))  # before loading gigabytes of weights
     progress = Progress()
+    from engine.lora import fuse_loras, parse_loras
     from engine.models import load_components
 
+    loras = parse_loras(args.lora)
     with progress.phase(f"loading {args.model}"):
         components = load_components(args.model)  # built-in names and local folders, never a hub
+    if loras:
+        with progress.phase(f"fusing {len(loras)} LoRA(s)"):
+            # the weights engine.build(model, lora=...) runs, so that it finds this entry
+            components = fuse_loras(components, loras, copy_modules=False)
     latent = {name: to_latent(getattr(args, name), components.vae_scale_factor)
               for name in ("min", "opt", "max")}
     unet = components.unet.to(DTYPES[args.dtype]).eval()
     artifact = build(unet, args.backend, device=args.device, dtype=DTYPES[args.dtype],
                      cache_dir=args.cache_dir, min_shape=latent["min"],
                      opt_shape=latent["opt"], max_shape=latent["max"], exporter=args.exporter,
-                     optimization_level=args.optimization_level, progress=progress)
+                     optimization_level=args.optimization_level, progress=progress,
+                     loras=tuple(spec.provenance for spec in loras))
     state = "cache hit" if artifact.cache_hit else "built"
     progress.note(f"{args.backend} artifact ({state}): {artifact.path}")
     progress.note(f"entry size: {artifact.bytes / 2**20:.1f} MiB; "

@@ -272,3 +272,17 @@ def test_fusing_loras_prints_nothing_more_than_loading(sd_loras, tiny_pipeline_d
     plain = build_output(str(tiny_pipeline_dir), None)
     assert build_output(str(tiny_pipeline_dir), [sd_loras["a"], sd_loras["unet"]]) == plain
     assert plain[0] == "" and plain[1]
+
+
+def test_lumen_build_with_loras_fills_the_entry_the_engine_uses(sd_loras, tiny_pipeline_dir, tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="the onnxruntime backend needs onnxruntime")
+    args = ["build", str(tiny_pipeline_dir), "--backend", "onnxruntime", "--dtype", "float32",
+            "--device", "cpu", "--cache-dir", str(tmp_path), "--lora", f"{sd_loras['unet']}:0.5"]
+    assert main(args) == 0
+    assert "onnxruntime artifact (built)" in capsys.readouterr().err
+    (sidecar,) = tmp_path.glob("*.json")
+    built = sidecar.stat().st_mtime_ns
+    engine.build(str(tiny_pipeline_dir), backend="onnxruntime", device="cpu", lora=(sd_loras["unet"], 0.5),
+                 backend_options={"cache_dir": tmp_path})
+    assert [p.name for p in tmp_path.glob("*.json")] == [sidecar.name] and sidecar.stat().st_mtime_ns == built
+    assert json.loads(sidecar.read_text())["fields"]["loras"][0]["scale"] == 0.5
