@@ -14,6 +14,7 @@ from engine.builtin.train_initial_step import InitialStepConfig
 from engine.builtin.train_initial_step import train as train_initial_step
 from engine.config import PRESETS, SamplerConfig
 from engine.errors import InvalidInputError
+from engine.prediction import to_x0_eps
 
 TINY = dict(steps=3, batch_size=4, warmup=1, tiny=True)
 
@@ -83,6 +84,30 @@ def test_v_loss_at_terminal_timestep_targets_minus_x0():
     loss = diffusion_loss(encoder, MinusX0(), x0, captions, abar, "v_prediction",
                           torch.Generator().manual_seed(1), 0.1)
     assert float(loss) == 0.0
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_min_snr_loss_counts_each_x0_error_min_snr_gamma_times(prediction_type):
+    """Min-SNR-gamma (Hang et al. 2023): the weighted loss equals mean(min(SNR, gamma) * |x0_hat - x0|^2),
+    x0_hat read from the model output by the engine's own conversion."""
+    config = TrainConfig(tiny=True)
+    encoder, _ = build_models(config)
+    x0, captions = scenes.sample_batch(6, torch.Generator().manual_seed(0), config.image_size)
+    abar = torch.tensor([0.999, 0.9, 0.5, 0.2, 0.05, 0.01])  # SNR from 999 to 0.01, one t each
+    seen, gamma = {}, 5.0
+
+    class Offset:  # any output: the true target plus a fixed error
+        def __call__(self, x_t, t, encoder_hidden_states):
+            seen.update(x_t=x_t, t=t)
+            return type("Out", (), {"sample": torch.full_like(x_t, 0.3)})()
+
+    loss = diffusion_loss(encoder, Offset(), x0, captions, abar, prediction_type,
+                          torch.Generator().manual_seed(1), 0.0, min_snr_gamma=gamma)
+    a_t, s_t = (v.view(-1, 1, 1, 1) for v in (abar[seen["t"]].sqrt(), (1 - abar[seen["t"]]).sqrt()))
+    x0_hat, _ = to_x0_eps(torch.full_like(x0, 0.3), seen["x_t"], a_t, s_t, prediction_type)
+    snr = abar[seen["t"]] / (1 - abar[seen["t"]])
+    expected = (snr.clamp(max=gamma) * (x0_hat - x0).pow(2).mean(dim=(1, 2, 3))).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("variant", ["default", "flawed"])
