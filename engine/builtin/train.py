@@ -3,8 +3,11 @@
     python -m engine.builtin.train --variant default   # zero terminal SNR, v-prediction
     python -m engine.builtin.train --variant flawed    # SD schedule, epsilon
 
-The shipped weights are two phases per variant (training.json keeps both): the commands above,
-then `--steps 800 --seed 1 --lr 5e-4 --warmup 50 --init-from engine/builtin/weights/<variant>`.
+The shipped weights are four phases per variant, each continuing from the last
+(`--init-from engine/builtin/weights/<variant>`; training.json keeps every phase): the commands
+above; `--steps 800 --seed 1 --lr 5e-4 --warmup 50`; `--steps 2000 --seed 2 --lr 5e-4 --warmup 50`;
+`--steps 6000 --seed 4 --lr 5e-4 --warmup 100 --ema-decay 0.999 --min-snr-gamma 5`
+(benchmarks/RESULTS.md#retraining-the-built-in-models says why the last one).
 
 The two variants share seed, data, architecture and step count; only the training schedule
 and loss target differ (Lin et al. 2023 section 3: the flawed one never sees pure noise).
