@@ -75,8 +75,9 @@ def _is_path(value) -> bool:
 
 
 def _is_pair(value) -> bool:
-    """(path, scale); a tuple of two paths is two LoRAs."""
-    return isinstance(value, tuple) and len(value) == 2 and _is_path(value[0]) and not _is_path(value[1])
+    """(path, scale) or [path, scale] (as JSON and YAML give it); two paths are two LoRAs."""
+    return (isinstance(value, (tuple, list)) and len(value) == 2 and _is_path(value[0])
+            and not _is_path(value[1]))
 
 
 def fuse_loras(components, specs: tuple[LoraSpec, ...], copy_modules: bool):
@@ -104,6 +105,7 @@ def fuse_loras(components, specs: tuple[LoraSpec, ...], copy_modules: bool):
             fuse(mixin, part, alphas, metadata, modules[prefix], prefix, spec, f"lumen_lora_{i}")
     components.unet = modules.pop("unet")
     components.text_encoder = _with_text_modules(components.text_encoder, modules)
+    components.loras = tuple(spec.provenance for spec in specs)
     return components
 
 
@@ -186,8 +188,7 @@ def _fuse_unet(mixin, state_dict, alphas, metadata, unet, prefix: str, spec: Lor
 
 def _fuse_text(mixin, state_dict, alphas, metadata, module, prefix: str, spec: LoraSpec,
                name: str) -> None:
-    from diffusers.loaders.lora_base import fuse_text_encoder_lora
-    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch, fuse_text_encoder_lora
 
     try:
         with _no_progress_bar():  # transformers' per-load "Loading weights" bar
@@ -198,10 +199,7 @@ def _fuse_text(mixin, state_dict, alphas, metadata, module, prefix: str, spec: L
                                 "expected a LoRA made for this model") from err
     _check_injected(module, state_dict, prefix, spec)
     fuse_text_encoder_lora(module, lora_scale=spec.scale, adapter_names=[name])
-    recurse_remove_peft_layers(module)  # the merged base layers stay, the adapters go
-    if hasattr(module, "peft_config"):
-        del module.peft_config
-    module._hf_peft_config_loaded = None
+    _remove_text_encoder_monkey_patch(module)  # diffusers' unload: merged base layers stay
 
 
 @contextlib.contextmanager

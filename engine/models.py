@@ -10,6 +10,7 @@ import torch
 
 from .clip import ClipPromptEncoder, SdxlPromptEncoder
 from .errors import InvalidInputError, InvalidTypeError
+from .lora import fuse_loras, parse_loras
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Components:
     text_encoder: object = None
     vae: torch.nn.Module | None = None
     initial_step: torch.nn.Module | None = None  # SingDiffusion x0-predictor(x_T, embeddings)
+    loras: tuple = ()  # the fused LoRAs' {sha256, scale} (engine.lora), for export cache keys
 
     @property
     def vae_scale_factor(self) -> int:
@@ -49,10 +51,13 @@ class Components:
         return torch.float32 if dtype == torch.float16 and upcast else dtype
 
 
-def load_components(model, initial_step=None) -> Components:
-    """Components from a UNet2DConditionModel, a DiffusionPipeline, a folder, or a built-in name."""
+def load_components(model, initial_step=None, lora=None) -> Components:
+    """Components from a UNet2DConditionModel, a DiffusionPipeline, a folder, or a built-in name,
+    with the LoRAs of `lora` (engine.lora.parse_loras) fused in; a model passed in as an object
+    keeps its own weights."""
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
+    loras = parse_loras(lora)  # before loading any weights: a missing file fails fast
     if isinstance(model, UNet2DConditionModel):
         components = Components(model)
     elif isinstance(model, DiffusionPipeline):
@@ -63,7 +68,7 @@ def load_components(model, initial_step=None) -> Components:
         raise InvalidTypeError(f"model of type {type(model).__name__}; expected a UNet2DConditionModel, "
                                "a DiffusionPipeline, a local folder path, or a built-in model name")
     components.initial_step = _initial_step(initial_step)
-    return _checked(components)
+    return fuse_loras(_checked(components), loras, copy_modules=not isinstance(model, (str, Path)))
 
 
 def _initial_step(predictor):

@@ -1,6 +1,5 @@
 """The public API: `engine.build(model, ...)` returns an Engine; `Engine.run(...)` makes images."""
 import math
-from pathlib import Path
 
 import torch
 
@@ -10,7 +9,6 @@ from . import samplers
 from .config import SamplerConfig
 from .errors import BackendUnavailableError, InvalidInputError, InvalidTypeError
 from .graphs import GraphCache, GraphKey, graph_runner, resolve_mode
-from .lora import fuse_loras, parse_loras
 from .models import Components, load_components
 from .output import OUTPUT_TYPES, decode, set_vae_options
 from .prompts import added_conditioning, embed_prompts, time_ids
@@ -58,14 +56,11 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
         check_available(device)  # before loading any weights
     options = dict(backend_options or {})
     compile_mode = torch_compile_mode(options.pop("compile", False)) if backend == "torch" else None
-    loras = parse_loras(lora)  # before loading any weights: a missing file fails fast
-    components = load_components(model, initial_step)
-    components = fuse_loras(components, loras, copy_modules=not isinstance(model, (str, Path)))
-    components = components.to(device, dtype)
+    components = load_components(model, initial_step, lora).to(device, dtype)
     set_vae_options(components.vae, vae_slicing, vae_tiling)
     config = sampler_config(scheduler, components.scheduler_config)
-    provenance = tuple(spec.provenance for spec in loras) if backend != "torch" else ()
-    runner = unet_runner(components.unet, backend, device, dtype, options, compile_mode, provenance)
+    runner = unet_runner(components.unet, backend, device, dtype, options, compile_mode,
+                         components.loras)
     return Engine(components, config, runner, device, dtype, backend, use_graphs, cache)
 
 

@@ -53,16 +53,11 @@ def run_build(args: argparse.Namespace) -> int:
 
         check_available(torch.device(args.device))  # before loading gigabytes of weights
     progress = Progress()
-    from engine.lora import fuse_loras, parse_loras
     from engine.models import load_components
 
-    loras = parse_loras(args.lora)
     with progress.phase(f"loading {args.model}"):
-        components = load_components(args.model)  # built-in names and local folders, never a hub
-    if loras:
-        with progress.phase(f"fusing {len(loras)} LoRA(s)"):
-            # the weights engine.build(model, lora=...) runs, so that it finds this entry
-            components = fuse_loras(components, loras, copy_modules=False)
+        # built-in names and local folders, never a hub; LoRAs fused as engine.build fuses them
+        components = load_components(args.model, lora=args.lora)
     latent = {name: to_latent(getattr(args, name), components.vae_scale_factor)
               for name in ("min", "opt", "max")}
     unet = components.unet.to(DTYPES[args.dtype]).eval()
@@ -70,7 +65,7 @@ def run_build(args: argparse.Namespace) -> int:
                      cache_dir=args.cache_dir, min_shape=latent["min"],
                      opt_shape=latent["opt"], max_shape=latent["max"], exporter=args.exporter,
                      optimization_level=args.optimization_level, progress=progress,
-                     loras=tuple(spec.provenance for spec in loras))
+                     loras=components.loras)
     state = "cache hit" if artifact.cache_hit else "built"
     progress.note(f"{args.backend} artifact ({state}): {artifact.path}")
     progress.note(f"entry size: {artifact.bytes / 2**20:.1f} MiB; "

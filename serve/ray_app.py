@@ -62,9 +62,7 @@ class LumenDeployment:
             torch.set_num_threads(threads)  # a CPU replica's share of the host's cores
         self.limits = Limits(**(limits or {}))
         self.model_name = model_label(model)
-        # lora: paths or (path, scale) pairs, which Serve's config round trip makes lists
-        loras = [tuple(item) if isinstance(item, list) else item for item in lora or ()]
-        self.engine = engine.build(model, backend=backend, device=device, lora=loras or None)
+        self.engine = engine.build(model, backend=backend, device=device, lora=lora)
 
     def __serve_build_asgi_app__(self):
         app = create_app(self.engine, model_name=self.model_name, **dataclasses.asdict(self.limits))

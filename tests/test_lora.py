@@ -286,3 +286,11 @@ def test_lumen_build_with_loras_fills_the_entry_the_engine_uses(sd_loras, tiny_p
                  backend_options={"cache_dir": tmp_path})
     assert [p.name for p in tmp_path.glob("*.json")] == [sidecar.name] and sidecar.stat().st_mtime_ns == built
     assert json.loads(sidecar.read_text())["fields"]["loras"][0]["scale"] == 0.5
+
+
+def test_a_two_item_list_is_a_pair_as_json_and_yaml_give_it(sd_loras):
+    from engine.lora import parse_loras
+
+    path = sd_loras["unet"]
+    assert parse_loras([[path, 0.5], path]) == parse_loras([(path, 0.5), path])
+    assert [spec.scale for spec in parse_loras([path, path])] == [1.0, 1.0]  # two paths: two LoRAs
