@@ -18,7 +18,8 @@ import torch
 
 import engine
 from engine.builtin import WEIGHTS_DIR
-from engine.builtin.scenes import caption_brightness
+from engine.builtin.scenes import IMAGE_SIZE, caption_brightness
+from engine.errors import InvalidInputError
 
 PROMPTS = {
     "unspecific": "a red circle",
@@ -77,6 +78,30 @@ def bin_fractions(values: torch.Tensor) -> dict:
     return {"dark": dark, "medium": 1 - dark - bright, "bright": bright}
 
 
+def noise_means(n: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Mean [n] of the initial noise x_T of seeds 0..n-1, drawn as the engine draws it."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(i)).mean()
+                        for i in range(n)])
+
+
+def split_by_noise_sign(values: torch.Tensor, means: torch.Tensor) -> dict:
+    """Dark and bright fractions among the seeds whose x_T has a positive (negative) mean, and
+    their average: the split post-stratified on that sign, whose true share is exactly 1/2.
+
+    On a zero terminal SNR schedule the sign of mean(x_T) largely decides an unspecific
+    prompt's background, so a seed set with more positive than negative means tilts the plain
+    fraction by itself; the stratified split does not carry that tilt.
+    """
+    pos, neg = means > 0, means < 0
+    if not pos.any() or not neg.any():
+        raise InvalidInputError(f"{len(means)} seeds give x_T means of one sign only; expected n >= 2 "
+                                "with both signs, to stratify on them")
+    by_sign = {"pos": bin_fractions(values[pos]), "neg": bin_fractions(values[neg])}
+    return {"positive_share": float(pos.float().mean()),
+            **{f"{k}_if_{sign}": by_sign[sign][k] for sign in ("pos", "neg") for k in ("dark", "bright")},
+            **{f"stratified_{k}": (by_sign["pos"][k] + by_sign["neg"][k]) / 2 for k in ("dark", "bright")}}
+
+
 def run_study(n: int, steps: int, guidance: float) -> dict:
     """{prompt group: {row name: {"values": [...], bins..., "mean": ...}}}."""
     engines = {setup: build_setup(setup) for setup in SETUPS}
@@ -89,6 +114,10 @@ def run_study(n: int, steps: int, guidance: float) -> dict:
             print(f"  {prompt!r}, {setup.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
         results[group] = {name: {"values": v.tolist(), "mean": float(v.mean()), **bin_fractions(v)}
                           for name, v in rows.items()}
+    means = noise_means(n, (3, IMAGE_SIZE, IMAGE_SIZE))
+    for name, r in results["unspecific"].items():
+        if name != "training data":
+            r["by_noise_sign"] = split_by_noise_sign(torch.tensor(r["values"]), means)
     return results
 
 
@@ -106,6 +135,17 @@ def markdown(results: dict, n: int, steps: int, guidance: float) -> str:
               "| setup | " + " | ".join(PROMPTS[g] for g in EXTREME) + " |", "|---|---|---|"]
     for name in rows:
         lines.append(f"| {name} | " + " | ".join(f"{results[g][name]['mean']:.3f}" for g in EXTREME) + " |")
+    split = {name: r["by_noise_sign"] for name, r in results["unspecific"].items() if "by_noise_sign" in r}
+    share = next(iter(split.values()))["positive_share"]
+    lines += ["", f'"{PROMPTS["unspecific"]}" by the sign of mean(x_T): seeds 0..{n - 1} have a positive '
+              f"mean in {share:.1%} of cases, where the true share is 1/2. The stratified split averages "
+              "the two halves:", "",
+              "| setup | dark | bright | bright if mean(x_T) > 0 | bright if mean(x_T) < 0 "
+              "| stratified dark | stratified bright |", "|---|---|---|---|---|---|---|"]
+    for name, r in split.items():
+        u = results["unspecific"][name]
+        lines.append(f"| {name} | {u['dark']:.2f} | {u['bright']:.2f} | {r['bright_if_pos']:.2f} | "
+                     f"{r['bright_if_neg']:.2f} | {r['stratified_dark']:.2f} | {r['stratified_bright']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

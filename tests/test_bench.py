@@ -92,3 +92,47 @@ def test_bench_subcommand_still_reaches_the_brightness_study():
     loops = parser.parse_args(["bench", "--steps", "7"])
     assert (study.func, study.n) == (brightness.run, 4)
     assert (loops.func.__module__, loops.steps, loops.bench) == ("benchmarks.report", 7, None)
+
+
+def test_brightness_split_by_noise_sign_stratifies_on_it():
+    import torch
+
+    from benchmarks.brightness import split_by_noise_sign
+
+    # 6 of 8 seeds with a positive x_T mean; the image is bright exactly when the mean is positive,
+    # except one negative seed that came out bright too.
+    means = torch.tensor([0.2, 0.1, 0.3, 0.05, 0.4, 0.01, -0.2, -0.1])
+    values = torch.tensor([0.9, 0.8, 0.95, 0.7, 0.9, 0.85, 0.1, 0.9])
+    r = split_by_noise_sign(values, means)
+    assert r["positive_share"] == 0.75
+    assert (r["bright_if_pos"], r["dark_if_pos"], r["bright_if_neg"], r["dark_if_neg"]) == (1.0, 0.0, 0.5, 0.5)
+    # plain fraction 7/8 bright; stratified (1 + 1/2) / 2
+    assert (r["stratified_bright"], r["stratified_dark"]) == (0.75, 0.25)
+
+
+def test_brightness_split_needs_both_signs():
+    import torch
+
+    from benchmarks.brightness import split_by_noise_sign
+    from engine.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="3 seeds give x_T means of one sign only"):
+        split_by_noise_sign(torch.tensor([0.1, 0.9, 0.5]), torch.tensor([0.1, 0.2, 0.3]))
+
+
+def test_brightness_noise_means_are_the_engines_initial_noise():
+    """The study's x_T of seed i is the one the engine draws: feeding it as latents reproduces the
+    images the engine makes from generator seed i."""
+    import torch
+
+    import engine
+    from benchmarks.brightness import noise_means
+
+    eng = engine.build("default", device="cpu")
+    shape = (3, 32, 32)
+    x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i in range(3)])
+    kw = dict(prompt="a red circle", num_images_per_prompt=3, num_inference_steps=3, output_type="pt")
+    seeded = eng.run(generator=[torch.Generator().manual_seed(i) for i in range(3)], **kw).images
+    given = eng.run(latents=x_T, **kw).images
+    torch.testing.assert_close(seeded, given, rtol=0, atol=0)
+    torch.testing.assert_close(noise_means(3, shape), x_T.mean(dim=(1, 2, 3)), rtol=0, atol=0)

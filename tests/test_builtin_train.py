@@ -86,10 +86,12 @@ def test_v_loss_at_terminal_timestep_targets_minus_x0():
     assert float(loss) == 0.0
 
 
-@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
-def test_min_snr_loss_counts_each_x0_error_min_snr_gamma_times(prediction_type):
+@pytest.mark.parametrize("prediction_type,floor", [("v_prediction", 0.0), ("epsilon", 0.0),
+                                                   ("v_prediction", 1.0), ("epsilon", 0.5)])
+def test_min_snr_loss_counts_each_x0_error_min_snr_gamma_times(prediction_type, floor):
     """Min-SNR-gamma (Hang et al. 2023): the weighted loss equals mean(min(SNR, gamma) * |x0_hat - x0|^2),
-    x0_hat read from the model output by the engine's own conversion."""
+    x0_hat read from the model output by the engine's own conversion; with a floor, each x0 error
+    counts max(min(SNR, gamma), floor) times."""
     config = TrainConfig(tiny=True)
     encoder, _ = build_models(config)
     x0, captions = scenes.sample_batch(6, torch.Generator().manual_seed(0), config.image_size)
@@ -102,12 +104,21 @@ def test_min_snr_loss_counts_each_x0_error_min_snr_gamma_times(prediction_type):
             return type("Out", (), {"sample": torch.full_like(x_t, 0.3)})()
 
     loss = diffusion_loss(encoder, Offset(), x0, captions, abar, prediction_type,
-                          torch.Generator().manual_seed(1), 0.0, min_snr_gamma=gamma)
+                          torch.Generator().manual_seed(1), 0.0, min_snr_gamma=gamma, snr_floor=floor)
     a_t, s_t = (v.view(-1, 1, 1, 1) for v in (abar[seen["t"]].sqrt(), (1 - abar[seen["t"]]).sqrt()))
     x0_hat, _ = to_x0_eps(torch.full_like(x0, 0.3), seen["x_t"], a_t, s_t, prediction_type)
     snr = abar[seen["t"]] / (1 - abar[seen["t"]])
-    expected = (snr.clamp(max=gamma) * (x0_hat - x0).pow(2).mean(dim=(1, 2, 3))).mean()
+    counts = torch.tensor([max(min(float(v), gamma), floor) for v in snr])
+    expected = (counts * (x0_hat - x0).pow(2).mean(dim=(1, 2, 3))).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    if floor > 0:  # the near-noise samples (SNR 0.01, 0.05) are what the floor raises
+        assert float(counts.min()) == floor and float(snr.min()) < floor
+
+
+@pytest.mark.parametrize("gamma,floor", [(None, 1.0), (5.0, -0.1), (5.0, 6.0)])
+def test_snr_floor_is_checked(gamma, floor):
+    with pytest.raises(InvalidInputError, match=f"snr_floor={floor}"):
+        TrainConfig(min_snr_gamma=gamma, snr_floor=floor)
 
 
 @pytest.mark.parametrize("variant", ["default", "flawed"])

@@ -59,11 +59,17 @@ class TrainConfig(RunConfig):
     variant: str = "default"
     text_dim: int = 64
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023); None: plain MSE
+    snr_floor: float = 0.0  # with min_snr_gamma: each x0 error counts at least this many times
+
 
     def __post_init__(self):
         super().__post_init__()
         if self.variant not in VARIANTS:
             raise InvalidInputError(f"variant={self.variant!r}; expected one of {sorted(VARIANTS)}")
+        if self.snr_floor < 0 or (self.snr_floor > 0 and self.min_snr_gamma is None) or (
+                self.min_snr_gamma is not None and self.snr_floor > self.min_snr_gamma):
+            raise InvalidInputError(f"snr_floor={self.snr_floor} with min_snr_gamma={self.min_snr_gamma}; "
+                                    "expected 0 <= snr_floor <= min_snr_gamma, and a floor only with a gamma")
 
     @property
     def image_size(self) -> int:
@@ -88,12 +94,13 @@ def drop_captions(captions: list[str], g: torch.Generator, p: float) -> list[str
 
 def diffusion_loss(encoder, unet, x0: torch.Tensor, captions: list[str], abar: torch.Tensor,
                    prediction_type: str, g: torch.Generator, caption_dropout: float,
-                   min_snr_gamma: float | None = None) -> torch.Tensor:
+                   min_snr_gamma: float | None = None, snr_floor: float = 0.0) -> torch.Tensor:
     """MSE of the model output against v = a*eps - s*x0 (or eps), t uniform in [0, T-1].
 
     x0: [B, 3, H, W]; abar: [T] float32; captions are replaced by "" with prob caption_dropout.
     min_snr_gamma: weight each sample so that its x0 error counts min(SNR, gamma) times
-    (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy").
+    (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"), and at
+    least snr_floor times: clamp(SNR, snr_floor, gamma).
     """
     B = x0.shape[0]
     captions = drop_captions(captions, g, caption_dropout)
@@ -109,14 +116,19 @@ def diffusion_loss(encoder, unet, x0: torch.Tensor, captions: list[str], abar: t
     if min_snr_gamma is None:
         return torch.nn.functional.mse_loss(out, target)
     per_sample = (out - target).pow(2).mean(dim=(1, 2, 3))  # [B]
-    return (per_sample * min_snr_weight(abar[t], prediction_type, min_snr_gamma)).mean()
+    return (per_sample * min_snr_weight(abar[t], prediction_type, min_snr_gamma, snr_floor)).mean()
 
 
-def min_snr_weight(abar_t: torch.Tensor, prediction_type: str, gamma: float) -> torch.Tensor:
-    """min(SNR, gamma) over the factor by which the target's error counts the x0 error:
-    SNR + 1 for v (x0 - x0_hat = s * (v_hat - v)), SNR for eps."""
+def min_snr_weight(abar_t: torch.Tensor, prediction_type: str, gamma: float,
+                   floor: float = 0.0) -> torch.Tensor:
+    """clamp(SNR, floor, gamma) over the factor by which the target's error counts the x0 error:
+    SNR + 1 for v (x0 - x0_hat = s * (v_hat - v)), SNR for eps.
+
+    Without a floor the weight of the near-pure-noise steps goes to 0 with their SNR, and on a
+    zero terminal SNR schedule those are the steps that decide an image's background
+    (benchmarks/RESULTS.md#retraining-the-built-in-models)."""
     snr = abar_t / (1 - abar_t)
-    return snr.clamp(max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    return snr.clamp(min=floor, max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
 
 
 class EMA:
@@ -188,7 +200,7 @@ def train(config: TrainConfig, log=print, init_from=None):
     def batch_loss():
         x0, captions = scenes.sample_batch(config.batch_size, data_g, config.image_size)
         return diffusion_loss(encoder, unet, x0, captions, abar, sampler_config.prediction_type,
-                              noise_g, config.caption_dropout, config.min_snr_gamma)
+                              noise_g, config.caption_dropout, config.min_snr_gamma, config.snr_floor)
 
     stats = fit((encoder, unet), batch_loss, config, log, log_every=100)
     return encoder.eval(), unet.eval(), stats
@@ -239,6 +251,8 @@ def main(argv=None) -> None:
     p.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
     p.add_argument("--min-snr-gamma", type=float, default=None,
                    help="Min-SNR-gamma loss weighting (e.g. 5); default: plain MSE")
+    p.add_argument("--snr-floor", type=float, default=TrainConfig.snr_floor,
+                   help="with --min-snr-gamma: each x0 error counts at least this many times (e.g. 1)")
     p.add_argument("--init-from", type=pathlib.Path, default=None,
                    help="continue from this model directory's weights (its training.json is kept)")
     p.add_argument("--out", type=pathlib.Path, default=None,
@@ -246,7 +260,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     config = TrainConfig(variant=args.variant, steps=args.steps, batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed, threads=args.threads, warmup=args.warmup,
-                         ema_decay=args.ema_decay, min_snr_gamma=args.min_snr_gamma)
+                         ema_decay=args.ema_decay, min_snr_gamma=args.min_snr_gamma,
+                         snr_floor=args.snr_floor)
     previous = None
     if args.init_from is not None:
         previous = json.loads((args.init_from / "training.json").read_text())
