@@ -136,3 +136,23 @@ def test_brightness_noise_means_are_the_engines_initial_noise():
     given = eng.run(latents=x_T, **kw).images
     torch.testing.assert_close(seeded, given, rtol=0, atol=0)
     torch.testing.assert_close(noise_means(3, shape), x_T.mean(dim=(1, 2, 3)), rtol=0, atol=0)
+
+
+def test_brightness_study_of_one_prompt_group(tmp_path):
+    import torch
+
+    from benchmarks import brightness
+
+    assert brightness.main(["--n", "4", "--steps", "2", "--prompt", "unspecific", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "brightness.json").read_text())
+    assert list(data["results"]) == ["unspecific"]
+    rows = data["results"]["unspecific"]
+    assert len(rows) == 1 + len(brightness.SETUPS) and len(rows["training data"]["values"]) == 1000
+    means = brightness.noise_means(4, (3, 32, 32))
+    for setup in brightness.SETUPS:
+        r = rows[setup.name]
+        assert len(r["values"]) == 4 and r["by_noise_sign"]["positive_share"] == float((means > 0).float().mean())
+        assert r["by_noise_sign"] == brightness.split_by_noise_sign(torch.tensor(r["values"]), means)
+    table = (tmp_path / "brightness.md").read_text()
+    assert "stratified bright" in table and "average gray" not in table
+    assert (tmp_path / "brightness.png").stat().st_size > 0
