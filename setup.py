@@ -21,7 +21,10 @@ setup(
         "diffusers>=0.30",
         # without it diffusers prints an "accelerate was not found" notice on every model load
         "accelerate>=0.30",
-        "transformers>=4.40",
+        # transformers 5.25 requires Hugging Face's `kernels` distribution and imports it as the
+        # top-level `kernels`, which is also this project's Triton package: the cap keeps
+        # `import transformers` from loading the wrong one until the two names are apart.
+        "transformers>=4.40,<5.25",
         "safetensors>=0.4",
         "numpy>=1.24",
         "pillow>=9.0",
