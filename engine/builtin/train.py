@@ -61,7 +61,6 @@ class TrainConfig(RunConfig):
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023); None: plain MSE
     snr_floor: float = 0.0  # with min_snr_gamma: each x0 error counts at least this many times
 
-
     def __post_init__(self):
         super().__post_init__()
         if self.variant not in VARIANTS:
