@@ -36,6 +36,7 @@ BINS = (1 / 3, 2 / 3)  # dark < 1/3 <= medium <= 2/3 < bright
 class Setup:
     """One row of the study: a built-in model, how it is sampled, and its guidance."""
 
+    key: str  # what --setup names it by
     name: str
     model: str
     scheduler: engine.SamplerConfig | None
@@ -44,10 +45,11 @@ class Setup:
 
 
 SETUPS = (
-    Setup("flawed, leading DDIM", "flawed", engine.PRESETS["sd"], 0.0),
-    Setup("flawed + initial-step predictor", "flawed", engine.PRESETS["sd"], 0.0, initial_step=True),
-    Setup("default, trailing DDIM", "default", None, 0.0),
-    Setup("default, trailing DDIM, rescale 0.7", "default", None, 0.7),
+    Setup("flawed", "flawed, leading DDIM", "flawed", engine.PRESETS["sd"], 0.0),
+    Setup("flawed-initial-step", "flawed + initial-step predictor", "flawed", engine.PRESETS["sd"], 0.0,
+          initial_step=True),
+    Setup("default", "default, trailing DDIM", "default", None, 0.0),
+    Setup("default-rescale", "default, trailing DDIM, rescale 0.7", "default", None, 0.7),
 )
 
 
@@ -102,9 +104,9 @@ def split_by_noise_sign(values: torch.Tensor, means: torch.Tensor) -> dict:
             **{f"stratified_{k}": (by_sign["pos"][k] + by_sign["neg"][k]) / 2 for k in ("dark", "bright")}}
 
 
-def run_study(n: int, steps: int, guidance: float, groups=tuple(PROMPTS)) -> dict:
+def run_study(n: int, steps: int, guidance: float, groups=tuple(PROMPTS), setups=SETUPS) -> dict:
     """{prompt group: {row name: {"values": [...], bins..., "mean": ...}}} for the given groups."""
-    engines = {setup: build_setup(setup) for setup in SETUPS}
+    engines = {setup: build_setup(setup) for setup in setups}
     results = {}
     for group in groups:
         prompt = PROMPTS[group]
@@ -193,6 +195,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--prompt", action="append", choices=list(PROMPTS), dest="groups",
                         help="only this prompt group (repeatable; default: all)")
+    parser.add_argument("--setup", action="append", choices=[s.key for s in SETUPS], dest="setups",
+                        help="only this setup (repeatable; default: all)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for .md, .json, .png")
 
 
@@ -200,7 +204,8 @@ def run(args) -> int:
     torch.set_num_threads(2)
     start = time.perf_counter()
     groups = tuple(dict.fromkeys(args.groups or PROMPTS))
-    results = run_study(args.n, args.steps, args.guidance, groups)
+    keys = set(args.setups or [s.key for s in SETUPS])
+    results = run_study(args.n, args.steps, args.guidance, groups, tuple(s for s in SETUPS if s.key in keys))
     data = {"n": args.n, "steps": args.steps, "guidance": args.guidance, "bins": BINS,
             "results": results}
     write_study(Path(args.out), "brightness", markdown(results, args.n, args.steps, args.guidance),

@@ -156,3 +156,20 @@ def test_brightness_study_of_one_prompt_group(tmp_path):
     table = (tmp_path / "brightness.md").read_text()
     assert "stratified bright" in table and "average gray" not in table
     assert (tmp_path / "brightness.png").stat().st_size > 0
+    # --setup runs a subset of the rows, and each row's images do not depend on which others ran.
+    one = tmp_path / "one"
+    assert brightness.main(["--n", "4", "--steps", "2", "--prompt", "unspecific", "--setup", "default",
+                            "--setup", "flawed", "--out", str(one)]) == 0
+    subset = json.loads((one / "brightness.json").read_text())["results"]["unspecific"]
+    assert list(subset) == ["training data", "flawed, leading DDIM", "default, trailing DDIM"]
+    for name in list(subset)[1:]:
+        assert subset[name]["values"] == rows[name]["values"]
+
+
+def test_brightness_setup_must_be_known(capsys):
+    from benchmarks import brightness
+
+    with pytest.raises(SystemExit) as exit_info:
+        brightness.main(["--setup", "default-typo"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'default-typo'" in capsys.readouterr().err
