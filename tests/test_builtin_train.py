@@ -8,8 +8,8 @@ from diffusers import UNet2DConditionModel
 from engine.builtin import MODEL_NAMES, model_dir, scenes
 from engine.builtin.models import load_initial_step
 from engine.builtin.text import LumenTextEncoder, WordTokenizer, load_text_encoder
-from engine.builtin.train import (VARIANTS, TrainConfig, build_models, diffusion_loss, save_model,
-                                  scheduler_config, train)
+from engine.builtin.train import (VARIANTS, ExactTargets, TrainConfig, build_models, diffusion_loss,
+                                  posterior_mean, render_bank, save_model, scheduler_config, train)
 from engine.builtin.train_initial_step import InitialStepConfig
 from engine.builtin.train_initial_step import train as train_initial_step
 from engine.config import PRESETS, SamplerConfig
@@ -119,6 +119,86 @@ def test_min_snr_loss_counts_each_x0_error_min_snr_gamma_times(prediction_type, 
 def test_snr_floor_is_checked(gamma, floor):
     with pytest.raises(InvalidInputError, match=f"snr_floor={floor}"):
         TrainConfig(min_snr_gamma=gamma, snr_floor=floor)
+
+
+class Constant:  # a "UNet" whose output is c everywhere; records its inputs
+    def __init__(self, c: float):
+        self.c, self.seen = c, {}
+
+    def __call__(self, x_t, t, encoder_hidden_states):
+        self.seen.update(x_t=x_t, t=t)
+        return type("Out", (), {"sample": torch.full_like(x_t, self.c)})()
+
+
+@pytest.mark.parametrize("a", [0.0, 0.05, 0.5])
+def test_posterior_mean_weights_the_bank_by_its_gaussian_likelihood(a):
+    g = torch.Generator().manual_seed(0)
+    bank = torch.rand(6, 3, 4, 4, generator=g) * 2 - 1
+    s = (1 - a * a) ** 0.5
+    x_t = a * bank[2] + s * torch.randn(3, 4, 4, generator=g)
+    log_lik = torch.stack([-(x_t.double() - a * b.double()).pow(2).sum() / (2 * s * s) for b in bank])
+    expected = (log_lik.softmax(0).view(-1, 1, 1, 1) * bank.double()).sum(0).float()
+    torch.testing.assert_close(posterior_mean(x_t, a, s, bank), expected, rtol=1e-5, atol=1e-6)
+    if a == 0.0:  # pure noise says nothing: the plain mean of the bank
+        torch.testing.assert_close(posterior_mean(x_t, a, s, bank), bank.mean(0))
+
+
+def test_exact_targets_at_zero_snr_are_the_mean_of_fresh_renders_of_each_caption():
+    """At abar = 0 every sample is below any SNR threshold, and its exact posterior mean is the
+    mean of its caption's renders (of the whole data mix for ""): the loss is the x0 error
+    against those means, counted once, replayed here from the renders' own generator."""
+    config = TrainConfig(tiny=True)
+    encoder, _ = build_models(config)
+    x0, captions = scenes.sample_batch(4, torch.Generator().manual_seed(0), config.image_size)
+    captions[1] = ""
+    abar, unet = torch.zeros(1), Constant(0.3)
+    exact = ExactTargets(below_snr=0.003, share=0.5, draws=8, generator=torch.Generator().manual_seed(3))
+    loss = diffusion_loss(encoder, unet, x0, captions, abar, "v_prediction", torch.Generator().manual_seed(1),
+                          0.0, min_snr_gamma=5.0, exact=exact)
+    replay = torch.Generator().manual_seed(3)
+    torch.randint(0, 1, (2,), generator=replay)  # the two timesteps drawn below the threshold
+    means = [render_bank(c, 8, replay, config.image_size).mean(0) for c in captions]
+    expected = torch.stack([(-0.3 - m).pow(2).mean() for m in means]).mean()  # x0_hat = -v at abar = 0
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    assert float(loss) > 0 and means[1].shape == (3, 8, 8)
+
+
+def test_exact_share_of_the_batch_is_drawn_below_the_snr():
+    config = TrainConfig(tiny=True)
+    encoder, _ = build_models(config)
+    x0, captions = scenes.sample_batch(8, torch.Generator().manual_seed(0), config.image_size)
+    abar = VARIANTS["default"].train_abar().float()
+    unet = Constant(0.0)
+    exact = ExactTargets(below_snr=0.003, share=0.5, draws=4, generator=torch.Generator().manual_seed(3))
+    diffusion_loss(encoder, unet, x0, captions, abar, "v_prediction", torch.Generator().manual_seed(1), 0.1,
+                   exact=exact)
+    snr = abar[unet.seen["t"]] / (1 - abar[unet.seen["t"]])
+    assert bool((snr[4:] < 0.003).all()) and int(unet.seen["t"][4:].min()) >= 900
+
+
+def test_exact_targets_change_nothing_on_a_schedule_without_such_snr():
+    """The flawed schedule's lowest SNR is 0.0047: the same recipe leaves its loss as it was."""
+    config = TrainConfig(variant="flawed", tiny=True)
+    encoder, unet = build_models(config)
+    x0, captions = scenes.sample_batch(4, torch.Generator().manual_seed(0), config.image_size)
+    abar = VARIANTS["flawed"].train_abar().float()
+    losses = [diffusion_loss(encoder, unet, x0, captions, abar, "epsilon", torch.Generator().manual_seed(1),
+                             0.1, min_snr_gamma=5.0, exact=exact)
+              for exact in (None, ExactTargets(0.003, 0.5, 4, torch.Generator().manual_seed(3)))]
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("below,share,draws", [(-0.1, 0.0, 256), (0.003, 1.5, 256), (0.0, 0.25, 256),
+                                               (0.003, 0.25, 0)])
+def test_exact_target_options_are_checked(below, share, draws):
+    with pytest.raises(InvalidInputError, match=f"exact_below_snr={below}, exact_share={share}"):
+        TrainConfig(exact_below_snr=below, exact_share=share, exact_draws=draws)
+
+
+def test_scene_of_names_an_unknown_caption():
+    assert scenes.scene_of("a red circle") == scenes.Scene("circle", "red", None)
+    with pytest.raises(InvalidInputError, match="'a red hexagon' is no caption"):
+        scenes.scene_of("a red hexagon")
 
 
 @pytest.mark.parametrize("variant", ["default", "flawed"])

@@ -75,6 +75,15 @@ def all_scenes() -> tuple[Scene, ...]:
     return tuple(scenes)
 
 
+def scene_of(caption: str) -> Scene:
+    """The scene whose caption this is."""
+    for scene in all_scenes():
+        if scene.caption == caption:
+            return scene
+    raise InvalidInputError(f"caption={caption!r} is no caption of the data set; captions look like "
+                            f"{all_scenes()[len(all_scenes()) // 2].caption!r}")
+
+
 def scene_weights(scenes: tuple[Scene, ...]) -> torch.Tensor:
     """Sampling weights [N]: background-only scenes share BACKGROUND_ONLY, shape scenes the rest."""
     bg_only = torch.tensor([s.shape is None for s in scenes])

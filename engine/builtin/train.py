@@ -25,6 +25,7 @@ from diffusers import UNet2DConditionModel
 
 from ..config import PRESETS, SamplerConfig
 from ..errors import InvalidInputError
+from ..prediction import to_x0_eps
 from . import WEIGHTS_DIR, scenes
 from .models import unet_config
 from .text import LumenTextEncoder, WordTokenizer, load_text_encoder, save_text_model
@@ -60,9 +61,18 @@ class TrainConfig(RunConfig):
     text_dim: int = 64
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023); None: plain MSE
     snr_floor: float = 0.0  # with min_snr_gamma: each x0 error counts at least this many times
+    exact_below_snr: float = 0.0  # samples with SNR below this fit the data's exact posterior mean
+    exact_share: float = 0.0  # share of each batch drawn from those timesteps
+    exact_draws: int = 256  # renders per sample that estimate that mean
 
     def __post_init__(self):
         super().__post_init__()
+        if self.exact_below_snr < 0 or not 0 <= self.exact_share <= 1 or self.exact_draws < 1 or (
+                self.exact_share > 0 and self.exact_below_snr == 0):
+            raise InvalidInputError(f"exact_below_snr={self.exact_below_snr}, exact_share={self.exact_share}, "
+                                    f"exact_draws={self.exact_draws}; expected exact_below_snr >= 0, "
+                                    "0 <= exact_share <= 1 (above 0 only with exact_below_snr > 0), "
+                                    "exact_draws >= 1")
         if self.variant not in VARIANTS:
             raise InvalidInputError(f"variant={self.variant!r}; expected one of {sorted(VARIANTS)}")
         if self.snr_floor < 0 or (self.snr_floor > 0 and self.min_snr_gamma is None) or (
@@ -91,19 +101,59 @@ def drop_captions(captions: list[str], g: torch.Generator, p: float) -> list[str
     return ["" if d else c for c, d in zip(captions, drop.tolist())]
 
 
+@dataclass(frozen=True)
+class ExactTargets:
+    """Near-pure-noise samples fitted to the data's exact posterior mean E[x0 | x_t, caption].
+
+    Below an SNR of a few thousandths x_t holds almost nothing of x0, so a sample's own x0 is a
+    target with nearly the whole data spread as noise, while the posterior mean, the optimum of
+    the same MSE, can be computed: the scenes are procedural, so `draws` fresh renders of the
+    sample's caption (the whole data mix for "") estimate it by their Gaussian likelihood
+    weights. Those samples' x0 error counts once; `share` of each batch has t drawn uniformly
+    from those timesteps (the rest uniformly from all).
+    """
+
+    below_snr: float
+    share: float
+    draws: int
+    generator: torch.Generator  # draws the renders; apart from the data and noise streams
+
+
+def posterior_mean(x_t: torch.Tensor, a: float, s: float, bank: torch.Tensor) -> torch.Tensor:
+    """E[x0 | x_t] [C, H, W] for x_t = a*x0 + s*eps with x0 uniform over bank [K, C, H, W]."""
+    flat = bank.flatten(1)
+    logits = (a * flat @ x_t.flatten() - 0.5 * a * a * flat.pow(2).sum(1)) / (s * s)
+    return (logits.softmax(0) @ flat).view_as(x_t)
+
+
+def render_bank(caption: str, n: int, g: torch.Generator, size: int) -> torch.Tensor:
+    """n fresh renders [n, 3, size, size] of caption's scene; "" draws from the whole data mix."""
+    if caption == "":
+        return scenes.render(scenes.sample_scenes(n, g), g, size)
+    return scenes.render([scenes.scene_of(caption)] * n, g, size)
+
+
 def diffusion_loss(encoder, unet, x0: torch.Tensor, captions: list[str], abar: torch.Tensor,
                    prediction_type: str, g: torch.Generator, caption_dropout: float,
-                   min_snr_gamma: float | None = None, snr_floor: float = 0.0) -> torch.Tensor:
+                   min_snr_gamma: float | None = None, snr_floor: float = 0.0,
+                   exact: ExactTargets | None = None) -> torch.Tensor:
     """MSE of the model output against v = a*eps - s*x0 (or eps), t uniform in [0, T-1].
 
     x0: [B, 3, H, W]; abar: [T] float32; captions are replaced by "" with prob caption_dropout.
     min_snr_gamma: weight each sample so that its x0 error counts min(SNR, gamma) times
     (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"), and at
     least snr_floor times: clamp(SNR, snr_floor, gamma).
+    exact: fit the samples below exact.below_snr to the exact posterior mean (ExactTargets).
     """
     B = x0.shape[0]
     captions = drop_captions(captions, g, caption_dropout)
     t = torch.randint(0, abar.shape[0], (B,), generator=g)
+    snr_all = abar / (1 - abar)
+    exact_steps = (snr_all < exact.below_snr).nonzero().flatten() if exact is not None else t[:0]
+    n_drawn = round(exact.share * B) if exact is not None and len(exact_steps) else 0
+    if n_drawn:
+        pick = torch.randint(0, len(exact_steps), (n_drawn,), generator=exact.generator)
+        t = torch.cat([t[:B - n_drawn], exact_steps[pick]])
     eps = torch.randn(x0.shape, generator=g)
     a, s = abar[t].sqrt().view(B, 1, 1, 1), (1 - abar[t]).sqrt().view(B, 1, 1, 1)
     x_t = a * x0 + s * eps
@@ -112,10 +162,20 @@ def diffusion_loss(encoder, unet, x0: torch.Tensor, captions: list[str], abar: t
         raise InvalidInputError(f"prediction_type={prediction_type!r}; expected one of {sorted(targets)}")
     target = targets[prediction_type]()
     out = unet(x_t, t, encoder_hidden_states=encoder.encode(captions)).sample
-    if min_snr_gamma is None:
-        return torch.nn.functional.mse_loss(out, target)
     per_sample = (out - target).pow(2).mean(dim=(1, 2, 3))  # [B]
-    return (per_sample * min_snr_weight(abar[t], prediction_type, min_snr_gamma, snr_floor)).mean()
+    if min_snr_gamma is not None:
+        per_sample = per_sample * min_snr_weight(abar[t], prediction_type, min_snr_gamma, snr_floor)
+    if exact is not None:
+        chosen = (snr_all[t] < exact.below_snr).nonzero().flatten().tolist()
+        if chosen:
+            x0_hat, _ = to_x0_eps(out[chosen], x_t[chosen], a[chosen], s[chosen], prediction_type)
+            with torch.no_grad():
+                means = torch.stack([posterior_mean(x_t[i], float(a[i]), float(s[i]),
+                                                    render_bank(captions[i], exact.draws, exact.generator,
+                                                                x0.shape[-1])) for i in chosen])
+            per_sample = per_sample.index_put((torch.tensor(chosen),),
+                                              (x0_hat - means).pow(2).mean(dim=(1, 2, 3)))
+    return per_sample.mean()
 
 
 def min_snr_weight(abar_t: torch.Tensor, prediction_type: str, gamma: float,
@@ -195,11 +255,18 @@ def train(config: TrainConfig, log=print, init_from=None):
     abar = sampler_config.train_abar().float()
     data_g = torch.Generator().manual_seed(config.seed)  # identical batches for every variant
     noise_g = torch.Generator().manual_seed(config.seed + 1)
+    exact = None
+    if config.exact_below_snr > 0:
+        exact = ExactTargets(config.exact_below_snr, config.exact_share, config.exact_draws,
+                             torch.Generator().manual_seed(config.seed + 2))
+        steps = int((abar / (1 - abar) < config.exact_below_snr).sum())
+        log(f"exact posterior targets on the {steps} timesteps with SNR < {config.exact_below_snr}"
+            + ("" if steps else f" (none: this schedule's lowest SNR is {float(abar[-1] / (1 - abar[-1])):.4g})"))
 
     def batch_loss():
         x0, captions = scenes.sample_batch(config.batch_size, data_g, config.image_size)
         return diffusion_loss(encoder, unet, x0, captions, abar, sampler_config.prediction_type,
-                              noise_g, config.caption_dropout, config.min_snr_gamma, config.snr_floor)
+                              noise_g, config.caption_dropout, config.min_snr_gamma, config.snr_floor, exact)
 
     stats = fit((encoder, unet), batch_loss, config, log, log_every=100)
     return encoder.eval(), unet.eval(), stats
@@ -252,6 +319,12 @@ def main(argv=None) -> None:
                    help="Min-SNR-gamma loss weighting (e.g. 5); default: plain MSE")
     p.add_argument("--snr-floor", type=float, default=TrainConfig.snr_floor,
                    help="with --min-snr-gamma: each x0 error counts at least this many times (e.g. 1)")
+    p.add_argument("--exact-below-snr", type=float, default=TrainConfig.exact_below_snr,
+                   help="samples with SNR below this fit the data's exact posterior mean of x0 (e.g. 0.003)")
+    p.add_argument("--exact-share", type=float, default=TrainConfig.exact_share,
+                   help="with --exact-below-snr: share of each batch drawn from those timesteps (e.g. 0.25)")
+    p.add_argument("--exact-draws", type=int, default=TrainConfig.exact_draws,
+                   help="renders per sample that estimate that posterior mean")
     p.add_argument("--init-from", type=pathlib.Path, default=None,
                    help="continue from this model directory's weights (its training.json is kept)")
     p.add_argument("--out", type=pathlib.Path, default=None,
@@ -260,7 +333,8 @@ def main(argv=None) -> None:
     config = TrainConfig(variant=args.variant, steps=args.steps, batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed, threads=args.threads, warmup=args.warmup,
                          ema_decay=args.ema_decay, min_snr_gamma=args.min_snr_gamma,
-                         snr_floor=args.snr_floor)
+                         snr_floor=args.snr_floor, exact_below_snr=args.exact_below_snr,
+                         exact_share=args.exact_share, exact_draws=args.exact_draws)
     previous = None
     if args.init_from is not None:
         previous = json.loads((args.init_from / "training.json").read_text())
