@@ -118,6 +118,10 @@ class ExactTargets:
     draws: int
     generator: torch.Generator  # draws the renders; apart from the data and noise streams
 
+    def timesteps(self, abar: torch.Tensor) -> torch.Tensor:
+        """The timesteps [k] of a schedule whose SNR is below below_snr (k may be 0)."""
+        return (abar / (1 - abar) < self.below_snr).nonzero().flatten()
+
 
 def posterior_mean(x_t: torch.Tensor, a: float, s: float, bank: torch.Tensor) -> torch.Tensor:
     """E[x0 | x_t] [C, H, W] for x_t = a*x0 + s*eps with x0 uniform over bank [K, C, H, W]."""
@@ -148,9 +152,8 @@ def diffusion_loss(encoder, unet, x0: torch.Tensor, captions: list[str], abar: t
     B = x0.shape[0]
     captions = drop_captions(captions, g, caption_dropout)
     t = torch.randint(0, abar.shape[0], (B,), generator=g)
-    snr_all = abar / (1 - abar)
-    exact_steps = (snr_all < exact.below_snr).nonzero().flatten() if exact is not None else t[:0]
-    n_drawn = round(exact.share * B) if exact is not None and len(exact_steps) else 0
+    exact_steps = exact.timesteps(abar) if exact is not None else t[:0]
+    n_drawn = round(exact.share * B) if len(exact_steps) else 0
     if n_drawn:
         pick = torch.randint(0, len(exact_steps), (n_drawn,), generator=exact.generator)
         t = torch.cat([t[:B - n_drawn], exact_steps[pick]])
@@ -165,8 +168,8 @@ def diffusion_loss(encoder, unet, x0: torch.Tensor, captions: list[str], abar: t
     per_sample = (out - target).pow(2).mean(dim=(1, 2, 3))  # [B]
     if min_snr_gamma is not None:
         per_sample = per_sample * min_snr_weight(abar[t], prediction_type, min_snr_gamma, snr_floor)
-    if exact is not None:
-        chosen = (snr_all[t] < exact.below_snr).nonzero().flatten().tolist()
+    if len(exact_steps):
+        chosen = torch.isin(t, exact_steps).nonzero().flatten().tolist()
         if chosen:
             x0_hat, _ = to_x0_eps(out[chosen], x_t[chosen], a[chosen], s[chosen], prediction_type)
             with torch.no_grad():
@@ -259,7 +262,7 @@ def train(config: TrainConfig, log=print, init_from=None):
     if config.exact_below_snr > 0:
         exact = ExactTargets(config.exact_below_snr, config.exact_share, config.exact_draws,
                              torch.Generator().manual_seed(config.seed + 2))
-        steps = int((abar / (1 - abar) < config.exact_below_snr).sum())
+        steps = len(exact.timesteps(abar))
         log(f"exact posterior targets on the {steps} timesteps with SNR < {config.exact_below_snr}"
             + ("" if steps else f" (none: this schedule's lowest SNR is {float(abar[-1] / (1 - abar[-1])):.4g})"))
 
