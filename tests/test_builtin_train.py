@@ -163,6 +163,43 @@ def test_exact_targets_at_zero_snr_are_the_mean_of_fresh_renders_of_each_caption
     assert float(loss) > 0 and means[1].shape == (3, 8, 8)
 
 
+@pytest.mark.parametrize("weight,pool", [(0.1, 1), (1.0, 4), (2.0, 8)])
+def test_exact_error_is_weighted_and_averaged_over_blocks_before_squaring(weight, pool):
+    """pool = the image size leaves only each channel's mean colour error; weight scales it all."""
+    config = TrainConfig(tiny=True)
+    encoder, _ = build_models(config)
+    x0, captions = scenes.sample_batch(4, torch.Generator().manual_seed(0), config.image_size)
+    abar = torch.zeros(1)
+    g = torch.Generator().manual_seed(5)
+    field = torch.randn(4, 3, 8, 8, generator=g)  # a model output that varies across pixels
+
+    class Field(torch.nn.Module):
+        def forward(self, x_t, t, encoder_hidden_states):
+            return type("Out", (), {"sample": field})()
+
+    exact = ExactTargets(below_snr=0.003, share=0.5, draws=8, generator=torch.Generator().manual_seed(3),
+                         weight=weight, pool=pool)
+    loss = diffusion_loss(encoder, Field(), x0, captions, abar, "v_prediction", torch.Generator().manual_seed(1),
+                          0.0, exact=exact)
+    replay = torch.Generator().manual_seed(3)
+    torch.randint(0, 1, (2,), generator=replay)
+    means = torch.stack([render_bank(c, 8, replay, config.image_size).mean(0) for c in captions])
+    diff = (-field - means).double()  # x0_hat = -v at abar = 0
+    n = 8 // pool
+    blocks = diff.reshape(4, 3, n, pool, n, pool).mean(dim=(3, 5))  # [4, 3, n, n] block means
+    expected = weight * blocks.pow(2).mean(dim=(1, 2, 3)).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+    if pool > 1:  # block means square to less than the pixels do (Jensen): detail no longer counts
+        assert float(loss) < 0.9 * weight * float(diff.pow(2).mean())
+
+
+@pytest.mark.parametrize("weight,pool", [(0.0, 1), (-1.0, 1), (1.0, 0), (1.0, 3)])
+def test_exact_weight_and_pool_are_checked(weight, pool):
+    with pytest.raises(InvalidInputError, match=f"exact_weight={weight}, exact_pool={pool}; .*dividing the image "
+                                                f"size 32"):
+        TrainConfig(exact_below_snr=0.003, exact_share=0.25, exact_weight=weight, exact_pool=pool)
+
+
 def test_exact_share_of_the_batch_is_drawn_below_the_snr():
     config = TrainConfig(tiny=True)
     encoder, _ = build_models(config)

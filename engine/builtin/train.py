@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from ..config import PRESETS, SamplerConfig
@@ -64,6 +65,8 @@ class TrainConfig(RunConfig):
     exact_below_snr: float = 0.0  # samples with SNR below this fit the data's exact posterior mean
     exact_share: float = 0.0  # share of each batch drawn from those timesteps
     exact_draws: int = 256  # renders per sample that estimate that mean
+    exact_weight: float = 1.0  # how many times those samples' x0 error counts
+    exact_pool: int = 1  # their error is averaged over pool x pool blocks before it is squared
 
     def __post_init__(self):
         super().__post_init__()
@@ -75,6 +78,10 @@ class TrainConfig(RunConfig):
                                     "exact_draws >= 1")
         if self.variant not in VARIANTS:
             raise InvalidInputError(f"variant={self.variant!r}; expected one of {sorted(VARIANTS)}")
+        if not self.exact_weight > 0 or self.exact_pool < 1 or self.image_size % self.exact_pool:
+            raise InvalidInputError(f"exact_weight={self.exact_weight}, exact_pool={self.exact_pool}; expected "
+                                    f"exact_weight > 0 and exact_pool >= 1 dividing the image size "
+                                    f"{self.image_size}")
         if self.snr_floor < 0 or (self.snr_floor > 0 and self.min_snr_gamma is None) or (
                 self.min_snr_gamma is not None and self.snr_floor > self.min_snr_gamma):
             raise InvalidInputError(f"snr_floor={self.snr_floor} with min_snr_gamma={self.min_snr_gamma}; "
@@ -109,14 +116,21 @@ class ExactTargets:
     target with nearly the whole data spread as noise, while the posterior mean, the optimum of
     the same MSE, can be computed: the scenes are procedural, so `draws` fresh renders of the
     sample's caption (the whole data mix for "") estimate it by their Gaussian likelihood
-    weights. Those samples' x0 error counts once; `share` of each batch has t drawn uniformly
-    from those timesteps (the rest uniformly from all).
+    weights. Those samples' x0 error counts `weight` times, after it is averaged over
+    `pool` x `pool` blocks (pool = 1: per pixel; pool = the image size: the mean colour alone);
+    `share` of each batch has t drawn uniformly from those timesteps (the rest uniformly from all).
     """
 
     below_snr: float
     share: float
     draws: int
     generator: torch.Generator  # draws the renders; apart from the data and noise streams
+    weight: float = 1.0
+    pool: int = 1
+
+    def error(self, x0_hat: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+        """weight x the mean squared pool x pool block average of x0_hat - means [k, C, H, W] -> [k]."""
+        return self.weight * F.avg_pool2d(x0_hat - means, self.pool).pow(2).mean(dim=(1, 2, 3))
 
     def timesteps(self, abar: torch.Tensor) -> torch.Tensor:
         """The timesteps [k] of a schedule whose SNR is below below_snr (k may be 0)."""
@@ -176,8 +190,7 @@ def diffusion_loss(encoder, unet, x0: torch.Tensor, captions: list[str], abar: t
                 means = torch.stack([posterior_mean(x_t[i], float(a[i]), float(s[i]),
                                                     render_bank(captions[i], exact.draws, exact.generator,
                                                                 x0.shape[-1])) for i in chosen])
-            per_sample = per_sample.index_put((torch.tensor(chosen),),
-                                              (x0_hat - means).pow(2).mean(dim=(1, 2, 3)))
+            per_sample = per_sample.index_put((torch.tensor(chosen),), exact.error(x0_hat, means))
     return per_sample.mean()
 
 
@@ -261,7 +274,7 @@ def train(config: TrainConfig, log=print, init_from=None):
     exact = None
     if config.exact_below_snr > 0:
         exact = ExactTargets(config.exact_below_snr, config.exact_share, config.exact_draws,
-                             torch.Generator().manual_seed(config.seed + 2))
+                             torch.Generator().manual_seed(config.seed + 2), config.exact_weight, config.exact_pool)
         steps = len(exact.timesteps(abar))
         log(f"exact posterior targets on the {steps} timesteps with SNR < {config.exact_below_snr}"
             + ("" if steps else f" (none: this schedule's lowest SNR is {float(abar[-1] / (1 - abar[-1])):.4g})"))
@@ -328,6 +341,11 @@ def main(argv=None) -> None:
                    help="with --exact-below-snr: share of each batch drawn from those timesteps (e.g. 0.25)")
     p.add_argument("--exact-draws", type=int, default=TrainConfig.exact_draws,
                    help="renders per sample that estimate that posterior mean")
+    p.add_argument("--exact-weight", type=float, default=TrainConfig.exact_weight,
+                   help="how many times those samples' x0 error counts (e.g. 0.1)")
+    p.add_argument("--exact-pool", type=int, default=TrainConfig.exact_pool,
+                   help="average those samples' x0 error over blocks of this many pixels a side before "
+                        "squaring it (e.g. 32, the image size: the mean colour alone)")
     p.add_argument("--init-from", type=pathlib.Path, default=None,
                    help="continue from this model directory's weights (its training.json is kept)")
     p.add_argument("--out", type=pathlib.Path, default=None,
@@ -337,7 +355,8 @@ def main(argv=None) -> None:
                          lr=args.lr, seed=args.seed, threads=args.threads, warmup=args.warmup,
                          ema_decay=args.ema_decay, min_snr_gamma=args.min_snr_gamma,
                          snr_floor=args.snr_floor, exact_below_snr=args.exact_below_snr,
-                         exact_share=args.exact_share, exact_draws=args.exact_draws)
+                         exact_share=args.exact_share, exact_draws=args.exact_draws,
+                         exact_weight=args.exact_weight, exact_pool=args.exact_pool)
     previous = None
     if args.init_from is not None:
         previous = json.loads((args.init_from / "training.json").read_text())
