@@ -3,11 +3,13 @@
     python -m engine.builtin.train --variant default   # zero terminal SNR, v-prediction
     python -m engine.builtin.train --variant flawed    # SD schedule, epsilon
 
-The shipped weights are four phases per variant, each continuing from the last
+The shipped weights are five phases per variant, each continuing from the last
 (`--init-from engine/builtin/weights/<variant>`; training.json keeps every phase): the commands
 above; `--steps 800 --seed 1 --lr 5e-4 --warmup 50`; `--steps 2000 --seed 2 --lr 5e-4 --warmup 50`;
-`--steps 6000 --seed 4 --lr 5e-4 --warmup 100 --ema-decay 0.999 --min-snr-gamma 5`
-(benchmarks/RESULTS.md#retraining-the-built-in-models says why the last one).
+`--steps 6000 --seed 4 --lr 5e-4 --warmup 100 --ema-decay 0.999 --min-snr-gamma 5`;
+`--steps 600 --seed 7 --lr 1e-4 --warmup 50 --ema-decay 0.999 --min-snr-gamma 5
+--exact-below-snr 0.003 --exact-share 0.25 --exact-pool 32` (benchmarks/RESULTS.md#retraining-the-built-in-models
+says why the last two; the exact targets change nothing on the flawed schedule).
 
 The two variants share seed, data, architecture and step count; only the training schedule
 and loss target differ (Lin et al. 2023 section 3: the flawed one never sees pure noise).
