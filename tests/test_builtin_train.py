@@ -143,6 +143,14 @@ def test_posterior_mean_weights_the_bank_by_its_gaussian_likelihood(a):
         torch.testing.assert_close(posterior_mean(x_t, a, s, bank), bank.mean(0))
 
 
+def _replayed_means(captions, size, seed=3, draws=8):
+    """Each caption's mean of `draws` renders [len(captions), 3, size, size], replayed from an
+    ExactTargets generator seeded `seed` whose batch of 4 at abar = [0] drew two timesteps first."""
+    replay = torch.Generator().manual_seed(seed)
+    torch.randint(0, 1, (2,), generator=replay)  # the two timesteps drawn below the threshold
+    return torch.stack([render_bank(c, draws, replay, size).mean(0) for c in captions])
+
+
 def test_exact_targets_at_zero_snr_are_the_mean_of_fresh_renders_of_each_caption():
     """At abar = 0 every sample is below any SNR threshold, and its exact posterior mean is the
     mean of its caption's renders (of the whole data mix for ""): the loss is the x0 error
@@ -155,9 +163,7 @@ def test_exact_targets_at_zero_snr_are_the_mean_of_fresh_renders_of_each_caption
     exact = ExactTargets(below_snr=0.003, share=0.5, draws=8, generator=torch.Generator().manual_seed(3))
     loss = diffusion_loss(encoder, unet, x0, captions, abar, "v_prediction", torch.Generator().manual_seed(1),
                           0.0, min_snr_gamma=5.0, exact=exact)
-    replay = torch.Generator().manual_seed(3)
-    torch.randint(0, 1, (2,), generator=replay)  # the two timesteps drawn below the threshold
-    means = [render_bank(c, 8, replay, config.image_size).mean(0) for c in captions]
+    means = _replayed_means(captions, config.image_size)
     expected = torch.stack([(-0.3 - m).pow(2).mean() for m in means]).mean()  # x0_hat = -v at abar = 0
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
     assert float(loss) > 0 and means[1].shape == (3, 8, 8)
@@ -181,9 +187,7 @@ def test_exact_error_is_weighted_and_averaged_over_blocks_before_squaring(weight
                          weight=weight, pool=pool)
     loss = diffusion_loss(encoder, Field(), x0, captions, abar, "v_prediction", torch.Generator().manual_seed(1),
                           0.0, exact=exact)
-    replay = torch.Generator().manual_seed(3)
-    torch.randint(0, 1, (2,), generator=replay)
-    means = torch.stack([render_bank(c, 8, replay, config.image_size).mean(0) for c in captions])
+    means = _replayed_means(captions, config.image_size)
     diff = (-field - means).double()  # x0_hat = -v at abar = 0
     n = 8 // pool
     blocks = diff.reshape(4, 3, n, pool, n, pool).mean(dim=(3, 5))  # [4, 3, n, n] block means
@@ -198,6 +202,13 @@ def test_exact_weight_and_pool_are_checked(weight, pool):
     with pytest.raises(InvalidInputError, match=f"exact_weight={weight}, exact_pool={pool}; .*dividing the image "
                                                 f"size 32"):
         TrainConfig(exact_below_snr=0.003, exact_share=0.25, exact_weight=weight, exact_pool=pool)
+
+
+@pytest.mark.parametrize("option", [dict(exact_weight=0.1), dict(exact_pool=32)])
+def test_exact_weight_and_pool_need_exact_targets(option):
+    """Without exact_below_snr they would change nothing: refused, like a share without it."""
+    with pytest.raises(InvalidInputError, match="only with exact_below_snr > 0"):
+        TrainConfig(**option)
 
 
 def test_exact_share_of_the_batch_is_drawn_below_the_snr():

@@ -20,7 +20,7 @@ import math
 import pathlib
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -72,18 +72,17 @@ class TrainConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.exact_below_snr < 0 or not 0 <= self.exact_share <= 1 or self.exact_draws < 1 or (
-                self.exact_share > 0 and self.exact_below_snr == 0):
+        unused = self.exact_below_snr == 0 and (self.exact_share > 0 or self.exact_weight != 1 or self.exact_pool != 1)
+        if (self.exact_below_snr < 0 or not 0 <= self.exact_share <= 1 or self.exact_draws < 1 or unused
+                or not self.exact_weight > 0 or self.exact_pool < 1 or self.image_size % self.exact_pool):
             raise InvalidInputError(f"exact_below_snr={self.exact_below_snr}, exact_share={self.exact_share}, "
-                                    f"exact_draws={self.exact_draws}; expected exact_below_snr >= 0, "
-                                    "0 <= exact_share <= 1 (above 0 only with exact_below_snr > 0), "
-                                    "exact_draws >= 1")
+                                    f"exact_draws={self.exact_draws}, exact_weight={self.exact_weight}, "
+                                    f"exact_pool={self.exact_pool}; expected exact_below_snr >= 0, "
+                                    "0 <= exact_share <= 1, exact_draws >= 1, exact_weight > 0 and "
+                                    f"exact_pool >= 1 dividing the image size {self.image_size}; a share, "
+                                    "weight or pool only with exact_below_snr > 0")
         if self.variant not in VARIANTS:
             raise InvalidInputError(f"variant={self.variant!r}; expected one of {sorted(VARIANTS)}")
-        if not self.exact_weight > 0 or self.exact_pool < 1 or self.image_size % self.exact_pool:
-            raise InvalidInputError(f"exact_weight={self.exact_weight}, exact_pool={self.exact_pool}; expected "
-                                    f"exact_weight > 0 and exact_pool >= 1 dividing the image size "
-                                    f"{self.image_size}")
         if self.snr_floor < 0 or (self.snr_floor > 0 and self.min_snr_gamma is None) or (
                 self.min_snr_gamma is not None and self.snr_floor > self.min_snr_gamma):
             raise InvalidInputError(f"snr_floor={self.snr_floor} with min_snr_gamma={self.min_snr_gamma}; "
@@ -275,8 +274,9 @@ def train(config: TrainConfig, log=print, init_from=None):
     noise_g = torch.Generator().manual_seed(config.seed + 1)
     exact = None
     if config.exact_below_snr > 0:
-        exact = ExactTargets(config.exact_below_snr, config.exact_share, config.exact_draws,
-                             torch.Generator().manual_seed(config.seed + 2), config.exact_weight, config.exact_pool)
+        exact = ExactTargets(below_snr=config.exact_below_snr, share=config.exact_share, draws=config.exact_draws,
+                             generator=torch.Generator().manual_seed(config.seed + 2),
+                             weight=config.exact_weight, pool=config.exact_pool)
         steps = len(exact.timesteps(abar))
         log(f"exact posterior targets on the {steps} timesteps with SNR < {config.exact_below_snr}"
             + ("" if steps else f" (none: this schedule's lowest SNR is {float(abar[-1] / (1 - abar[-1])):.4g})"))
@@ -353,12 +353,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=pathlib.Path, default=None,
                    help="output directory (default: engine/builtin/weights/<variant>)")
     args = p.parse_args(argv)
-    config = TrainConfig(variant=args.variant, steps=args.steps, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed, threads=args.threads, warmup=args.warmup,
-                         ema_decay=args.ema_decay, min_snr_gamma=args.min_snr_gamma,
-                         snr_floor=args.snr_floor, exact_below_snr=args.exact_below_snr,
-                         exact_share=args.exact_share, exact_draws=args.exact_draws,
-                         exact_weight=args.exact_weight, exact_pool=args.exact_pool)
+    # every option named after a TrainConfig field sets it; the rest keep their defaults
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
     previous = None
     if args.init_from is not None:
         previous = json.loads((args.init_from / "training.json").read_text())
