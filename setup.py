@@ -1,5 +1,12 @@
 from setuptools import find_packages, setup
 
+# The repository keeps its packages as top-level folders; they install as lumen.engine,
+# lumen.kernels, ... beside the front door lumen/ (public API and command line), so the wheel's
+# only top-level name is `lumen` (a bare `kernels` would collide with Hugging Face's).
+FOLDERS = ("engine", "kernels", "export", "serve", "benchmarks")
+PACKAGES = ["lumen", *(f"lumen.{name}" for name in
+                       find_packages(include=[n for f in FOLDERS for n in (f, f"{f}.*")]))]
+
 SERVE = ["fastapi>=0.165", "uvicorn>=0.30", "pydantic>=2.5", "prometheus-client>=0.20"]
 # 2.56 added late-bound ingress (__serve_build_asgi_app__): each replica builds its own app.
 RAY = [*SERVE, "ray[serve]>=2.56"]
@@ -11,20 +18,17 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*",
-                                    "export", "export.*", "benchmarks", "benchmarks.*",
-                                    "serve", "serve.*"]),
-    package_data={"engine": ["builtin/weights/*/*.json", "builtin/weights/*/*/*.json",
-                             "builtin/weights/*/*/*.safetensors"]},
+    packages=PACKAGES,
+    package_dir={"lumen": "lumen", **{f"lumen.{name}": name for name in FOLDERS}},
+    package_data={"lumen.engine": ["builtin/weights/*/*.json", "builtin/weights/*/*/*.json",
+                                   "builtin/weights/*/*/*.safetensors"],
+                  "lumen.serve": ["serve_config.yaml"]},
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.30",
         # without it diffusers prints an "accelerate was not found" notice on every model load
         "accelerate>=0.30",
-        # transformers 5.25 requires Hugging Face's `kernels` distribution and imports it as the
-        # top-level `kernels`, which is also this project's Triton package: the cap keeps
-        # `import transformers` from loading the wrong one until the two names are apart.
-        "transformers>=4.40,<5.25",
+        "transformers>=4.40",
         "safetensors>=0.4",
         "numpy>=1.24",
         "pillow>=9.0",
@@ -47,5 +51,5 @@ setup(
                  "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "mypy>=1.10",
                  *RAY, "httpx>=0.27", "openai>=1.0"],
     },
-    entry_points={"console_scripts": ["lumen=engine.cli:main"]},
+    entry_points={"console_scripts": ["lumen=lumen.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""`lumen bench` (also `python -m benchmarks`): cumulative ablations of one request's loop.
+"""`lumen bench` (also `python -m lumen.benchmarks`): cumulative ablations of one request's loop.
 
 One row per configuration, each adding one optimisation to the row before, in one run:
   diffusers  diffusers-style loop: UNet, rescale_noise_cfg, DDIMScheduler.step, eager (baseline)
@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.config import SamplerConfig
-from engine.graphs import GraphCache, capture_cuda, graph_runner
-from engine.models import Components
-from engine.runtime import Engine, TorchRunner
+from lumen.engine.config import SamplerConfig
+from lumen.engine.graphs import GraphCache, capture_cuda, graph_runner
+from lumen.engine.models import Components
+from lumen.engine.runtime import Engine, TorchRunner
 
 from .presets import PRESETS
 
@@ -89,7 +89,7 @@ class Row:
 
 def load(s: Settings) -> Setup:
     """A preset (random weights, real config), a built-in model or a local folder, on device."""
-    import engine
+    from lumen import engine
 
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, s.dtype) if s.dtype else (torch.float16 if device.type == "cuda"
@@ -287,8 +287,8 @@ def skip_reason(row: str, s: Settings, device: torch.device) -> str | None:
     if row == "compiled" and not cuda and s.rows is None:
         return "torch.compile on CPU takes minutes; name it in --rows to run it"
     if row == "tensorrt":
-        from engine.errors import BackendUnavailableError
-        from export.trt_backend import check_available
+        from lumen.engine.errors import BackendUnavailableError
+        from lumen.export.trt_backend import check_available
 
         try:
             check_available(device)
@@ -325,7 +325,7 @@ def make_runner(unet: str, setup: Setup, s: Settings) -> tuple[object, float | N
     if unet == "compiled":
         runner = TorchRunner(module, s.compile_mode)
         return runner, timed_first_call(runner, setup)
-    from export import load_runner
+    from lumen.export import load_runner
 
     r = setup.request
     batch, _, h, w = r["x_T"].shape

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from engine.builtin import scenes
-from engine.errors import InvalidInputError
-from engine.validation import check_choice, check_int, check_real
+from lumen.engine.builtin import scenes
+from lumen.engine.errors import InvalidInputError
+from lumen.engine.validation import check_choice, check_int, check_real
 
 from . import scene_analyzer
 from .brightness import SETUPS as BRIGHTNESS_SETUPS

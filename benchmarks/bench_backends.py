@@ -1,6 +1,6 @@
 """UNet forward on torch vs onnxruntime (CPU), export time and cache-hit load time; one run.
 
-    python -m benchmarks.bench_backends [--models small sd15] [--exporters] [--iters 3]
+    python -m lumen.benchmarks.bench_backends [--models small sd15] [--exporters] [--iters 3]
 
 Random weights from configs (no downloads). One row per (model, backend): warm-up excluded from
 the forward median and reported on its own; export = cold cache; reload = second load_runner on
@@ -42,7 +42,7 @@ def time_forward(run, inputs, iters: int) -> tuple[float, float, torch.Tensor]:
 
 
 def bench_model(name: str, batch: int, latent: int, iters: int, cache_dir: Path) -> list[dict]:
-    from export import load_runner
+    from lumen.export import load_runner
 
     start = time.perf_counter()
     unet = PRESETS[name].build()
@@ -70,7 +70,7 @@ def bench_model(name: str, batch: int, latent: int, iters: int, cache_dir: Path)
 
 
 def bench_exporters(cache_root: Path) -> list[dict]:
-    from export.onnx_export import export_onnx
+    from lumen.export.onnx_export import export_onnx
     import onnxruntime as ort
 
     unet = PRESETS["small"].build()

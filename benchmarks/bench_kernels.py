@@ -5,7 +5,7 @@ on an SD1.5 latent batch (2 x 4x64x64):
     pytest benchmarks/bench_kernels.py --benchmark-only
 CUDA (triton.testing.do_bench; one row per configuration, warm-up and compile time excluded and
 printed separately), for SD1.5, SDXL and a 16-channel batch of 8:
-    python -m benchmarks.bench_kernels
+    python -m lumen.benchmarks.bench_kernels
 GB/s counts the minimum bytes a step must move (m read once, x and z read, x_p written), for
 every row, so the rows compare as speeds against the device-to-device copy of the same bytes.
 """
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
-from engine.config import SamplerConfig
-from engine.samplers import plan_ddim, step_schedule
+from lumen import kernels
+from lumen.engine.config import SamplerConfig
+from lumen.engine.samplers import plan_ddim, step_schedule
 
 NUM_STEPS, STEP, ETA = 10, 3, 0.0  # eta = 0: diffusers' DDIM is NaN at eta = 1 with zero SNR
 GUIDANCE_SCALE, GUIDANCE_RESCALE = 7.5, 0.7

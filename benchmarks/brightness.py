@@ -5,7 +5,7 @@ prompt, N seeds per setup, it measures per-image mean brightness and reports the
 images in dark / medium / bright bins beside the training data's, plus SingDiffusion's
 "average gray" for the extreme prompts. Writes brightness.md, brightness.json, brightness.png.
 
-    python -m benchmarks.brightness --n 64 --out benchmarks/results
+    python -m lumen.benchmarks.brightness --n 64 --out benchmarks/results
 """
 import argparse
 import json
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-import engine
-from engine.builtin import WEIGHTS_DIR
-from engine.builtin.scenes import IMAGE_SIZE, caption_brightness
-from engine.errors import InvalidInputError
+from lumen import engine
+from lumen.engine.builtin import WEIGHTS_DIR
+from lumen.engine.builtin.scenes import IMAGE_SIZE, caption_brightness
+from lumen.engine.errors import InvalidInputError
 
 PROMPTS = {
     "unspecific": "a red circle",

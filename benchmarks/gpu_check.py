@@ -1,4 +1,4 @@
-"""`lumen bench gpu` (also `python -m benchmarks.gpu_check`): a time-boxed check of a GPU host.
+"""`lumen bench gpu` (also `python -m lumen.benchmarks.gpu_check`): a time-boxed check of a GPU host.
 
 Stages, in this order, each in its own subprocess:
   env      device, driver and library versions; copy bandwidth and fp16 matmul rate (ceilings)
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from engine.errors import LumenError
-from engine.validation import check_choice, check_real
+from lumen.engine.errors import LumenError
+from lumen.engine.validation import check_choice, check_real
 
 from . import gpu_models, gpu_stages
 from .ablation import Settings
@@ -156,14 +156,14 @@ def run(args) -> int:
 
 
 def command_line(args, out: Path) -> str:
-    words = ["python", "-m", "benchmarks.gpu_check", "--out", str(out),
+    words = ["python", "-m", "lumen.benchmarks.gpu_check", "--out", str(out),
              "--budget-s", f"{args.budget_s:g}"]
     words += ["--stages", *args.stages] if args.stages else []
     return shlex.join(words + (["--dry-run"] if args.dry_run else []))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check",
+    parser = argparse.ArgumentParser(prog="python -m lumen.benchmarks.gpu_check",
                                      description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
@@ -205,7 +205,7 @@ def run_child(name: str, out: Path, dry_run: bool, sizes: Sizes, box: float) -> 
         return stage_record(name, "timeout", 0.0, "not started: the budget was spent")
     result = out / f"stage-{name}.json"
     result.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "benchmarks.gpu_check", "--run-stage", name,
+    command = [sys.executable, "-m", "lumen.benchmarks.gpu_check", "--run-stage", name,
                "--out", str(out)] + (["--dry-run"] if dry_run else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1", **sizes.stage_env.get(name, {}))
     print(f"[{name}] started, time box {box:.0f} s", flush=True)

@@ -79,7 +79,7 @@ def bench_checks(rows, sizes, device: torch.device) -> list[dict]:
 
 def soak(sizes, out: Path) -> dict:
     """sizes.soak_runs requests of varying seed, embeddings and resolution on one engine."""
-    import engine
+    from lumen import engine
 
     from .presets import PRESETS
 
@@ -175,8 +175,8 @@ def decoded(vae, x0: torch.Tensor, run_dtype: torch.dtype | None = None) -> torc
     With run_dtype, the VAE is first loaded as the engine loads it for a run in that dtype
     (Components.to), which may keep it in another dtype.
     """
-    from engine.models import Components
-    from engine.output import decode
+    from lumen.engine.models import Components
+    from lumen.engine.output import decode
 
     components = Components(unet=None, vae=vae)  # decode reads only the VAE
     if run_dtype is not None:

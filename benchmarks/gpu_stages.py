@@ -169,8 +169,8 @@ def junit_cases(path: Path) -> list[dict]:
 
 def kernels_stage(sizes, out: Path) -> dict:
     """Error, latency, GB/s and speed-up of kernels.guided_step; registers of the kernels."""
-    import kernels
-    from benchmarks.bench_kernels import step_args
+    from lumen import kernels
+    from lumen.benchmarks.bench_kernels import step_args
 
     device = torch.device(sizes.device)
     ceiling, source = copy_ceiling(sizes, out, device)
@@ -211,8 +211,8 @@ def copy_ceiling(sizes, out: Path, device: torch.device) -> tuple[float, str]:
 
 def step_row(case, cfg: bool, device: torch.device, reps: int, ceiling: float) -> dict:
     """One configuration: max error, fused and eager latency, GB/s of the fused step."""
-    import kernels
-    from benchmarks.bench_kernels import step_args
+    from lumen import kernels
+    from lumen.benchmarks.bench_kernels import step_args
 
     args = step_args(case, device.type)
     if not cfg:

@@ -40,7 +40,7 @@ def settings(args) -> Settings:
 
 
 def run(args) -> int:
-    from engine.validation import check_int, check_real
+    from lumen.engine.validation import check_int, check_real
 
     for name in ("batch", "steps", "iters"):
         check_int(name, getattr(args, name), 1)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.builtin import scenes
-from engine.errors import InvalidInputError
+from lumen.engine.builtin import scenes
+from lumen.engine.errors import InvalidInputError
 
 ATTRIBUTES = ("background", "color", "kind", "one shape")
 BACKGROUND_MARGIN = 0.05  # dark ends at 0.3, gray starts at 0.4

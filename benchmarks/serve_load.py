@@ -66,7 +66,7 @@ def start_server(model: str, max_batch: int, batch_wait_ms: float,
     env = {k: v for k, v in os.environ.items() if k not in ("LUMEN_API_KEY", "RAY_ADDRESS")}
     ray = [] if replicas is None else ["--ray", "--replicas", str(replicas), "--replica-cpus",
                                        f"{(os.cpu_count() or 1) / replicas:g}"]
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--model", model, "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "lumen", "serve", "--model", model, "--port",
                              str(port), "--max-batch", str(max_batch), "--batch-wait-ms",
                              str(batch_wait_ms), "--max-queue", "1024", *ray],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -219,6 +219,6 @@ def print_ratios(args, rows: list[Result]) -> None:
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lumen.benchmarks.serve_load", description=__doc__)
     add_arguments(parser)
     sys.exit(run(parser.parse_args()))

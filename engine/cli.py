@@ -1,11 +1,9 @@
-"""The `lumen` command: generate images, build backend artifacts, serve, run benchmarks."""
-import argparse
-import sys
+"""`lumen generate PROMPT`, and the --lora option that generate, build and serve share."""
 import time
 from pathlib import Path
 
 from .config import SAMPLERS
-from .errors import LumenError
+from .lora import lora_arg
 from .schedules import SPACINGS
 
 
@@ -37,25 +35,14 @@ def add_lora_argument(p) -> None:
                    help="LoRA safetensors (diffusers or kohya) fused into the model; repeatable")
 
 
-def lora_arg(text: str) -> tuple[str, float]:
-    """--lora PATH or PATH:SCALE (scale 1 when the part after the last colon is no number)."""
-    path, sep, scale = text.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return text, 1.0
-
-
 def run_generate(args) -> int:
     import torch
     from tqdm import tqdm
 
-    import engine
+    from .runtime import build
 
     start = time.perf_counter()
-    eng = engine.build(args.model, device=args.device, lora=args.lora)
+    eng = build(args.model, device=args.device, lora=args.lora)
     changes = {k: v for k, v in (("sampler", args.sampler), ("timestep_spacing", args.spacing)) if v}
     if changes:
         eng.config = eng.config.replace(**changes)
@@ -80,26 +67,3 @@ def _output_paths(path: Path, n: int) -> list[Path]:
     if n == 1:
         return [path]
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="lumen", description=__doc__)
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_generate_parser(subparsers)
-    from benchmarks.cli import add_parsers
-    from export.cli import add_build_parser
-    from serve.cli import add_serve_parser
-
-    add_build_parser(subparsers)
-    add_serve_parser(subparsers)
-    add_parsers(subparsers)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except LumenError as err:
-        print(f"lumen: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -70,6 +70,17 @@ def parse_loras(lora) -> tuple[LoraSpec, ...]:
     return tuple(specs)
 
 
+def lora_arg(text: str) -> tuple[str, float]:
+    """--lora PATH or PATH:SCALE (scale 1 when the part after the last colon is no number)."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 def _is_path(value) -> bool:
     return isinstance(value, (str, Path))
 

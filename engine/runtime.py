@@ -3,7 +3,7 @@ import math
 
 import torch
 
-import kernels
+from lumen import kernels
 
 from . import samplers
 from .config import SamplerConfig
@@ -51,7 +51,7 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
     use_graphs = resolve_mode(cuda_graph, device, backend)
     cache = GraphCache(graph_cache_size)
     if backend == "tensorrt":
-        from export.trt_backend import check_available
+        from lumen.export.trt_backend import check_available
 
         check_available(device)  # before loading any weights
     options = dict(backend_options or {})
@@ -107,7 +107,7 @@ def unet_runner(unet, backend: str, device, dtype, options: dict, compile_mode: 
                                     "none but 'compile'")
         return TorchRunner(unet, compile_mode)
     try:
-        from export import load_runner
+        from lumen.export import load_runner
     except ImportError as err:
         raise BackendUnavailableError(f"backend={backend!r} cannot load ({err}); "
                                       "use backend='torch'") from err

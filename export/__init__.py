@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from engine.validation import check_choice
+from lumen.engine.validation import check_choice
 
 from .cache import ArtifactCache, entry_size
 from .onnx_export import EXPORTERS, UNetSignature, export_cached

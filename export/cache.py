@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import filelock
 import torch
 
-from engine.errors import InvalidInputError
+from lumen.engine.errors import InvalidInputError
 
 ENV_VAR = "LUMEN_CACHE_DIR"
 SIDECAR_FORMAT = 1

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from engine.cli import add_lora_argument
-from engine.errors import InvalidInputError
+from lumen.engine.cli import add_lora_argument
+from lumen.engine.errors import InvalidInputError
 
 from . import BACKENDS, build
 from .onnx_export import DTYPES, EXPORTERS
@@ -53,7 +53,7 @@ def run_build(args: argparse.Namespace) -> int:
 
         check_available(torch.device(args.device))  # before loading gigabytes of weights
     progress = Progress()
-    from engine.models import load_components
+    from lumen.engine.models import load_components
 
     with progress.phase(f"loading {args.model}"):
         # built-in names and local folders, never a hub; LoRAs fused as engine.build fuses them

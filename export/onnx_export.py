@@ -1,6 +1,6 @@
 """Export a diffusers UNet2DConditionModel to ONNX with dynamic batch, height, width and sequence.
 
-Exporter choice, measured by `python -m benchmarks.bench_backends --exporters` (small UNet,
+Exporter choice, measured by `python -m lumen.benchmarks.bench_backends --exporters` (small UNet,
 1M params, CPU, batch 2, 32x32 latents, fp32): TorchScript 6.4 s, max |ONNX - torch| 2.6e-6;
 dynamo 62.9 s, 2.7e-6. Same accuracy, ~10x faster export, so TorchScript is the default, even
 though torch >= 2.9 deprecates it. dynamo is kept as an option because it is the only one that
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import InvalidInputError, InvalidTypeError
-from engine.validation import check_choice
+from lumen.engine.errors import InvalidInputError, InvalidTypeError
+from lumen.engine.validation import check_choice
 
 from .cache import ArtifactCache, key_of, weights_sha256
 from .progress import Progress

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.errors import BackendUnavailableError, InvalidInputError
-from engine.validation import check_choice
+from lumen.engine.errors import BackendUnavailableError, InvalidInputError
+from lumen.engine.validation import check_choice
 
 from .onnx_export import OUTPUT, UNetSignature
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from engine.errors import BackendUnavailableError, InvalidInputError, LumenError
+from lumen.engine.errors import BackendUnavailableError, InvalidInputError, LumenError
 
 from .cache import ArtifactCache, CacheWarning, atomic_write_bytes
 from .onnx_export import OUTPUT, UNetSignature, check_latent_size

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from engine.errors import InvalidInputError, InvalidTypeError
+from lumen.engine.errors import InvalidInputError, InvalidTypeError
 
 from ._triton import HAVE_TRITON, INTERPRETED, tl, triton
 

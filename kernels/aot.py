@@ -12,7 +12,7 @@ Per variant it records registers, spills (local memory words), whether the batch
 computed in int64 (TTIR: the program id sign-extended to i64) and how many approximate
 divisions the PTX holds (`div.full.f32`, `div.approx.f32`: the interpreter divides exactly).
 
-    python -m kernels.aot --arch 90 [--full] [--json PATH]
+    python -m lumen.kernels.aot --arch 90 [--full] [--json PATH]
 """
 import argparse
 import itertools
@@ -100,8 +100,8 @@ def variants(full: bool = False):
 
 def launch_inputs(dtype, cfg: bool, layout: str, step: str, size: str, device, i: int = 1):
     """_launch's arguments for one variant; i picks the plan row (alignment must not matter)."""
-    from engine.config import SamplerConfig
-    from engine.samplers import plan_ddim, step_schedule
+    from lumen.engine.config import SamplerConfig
+    from lumen.engine.samplers import plan_ddim, step_schedule
 
     B, C, H, W = SHAPES[size]
     t, abar = step_schedule(SamplerConfig(), 10)
@@ -193,7 +193,7 @@ def summary(records: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lumen.kernels.aot", description=__doc__.split("\n")[0])
     p.add_argument("--arch", type=int, default=None,
                    help="compute capability x10 to compile for offline (90 = H100/H200); "
                         "default: the current CUDA device, launching for real")

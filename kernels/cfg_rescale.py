@@ -11,7 +11,7 @@ on the host.
 """
 import torch
 
-from engine.guidance import guide
+from lumen.engine.guidance import guide
 
 from ._common import BLOCK, UNALIGNED_SCALARS, Walk, batch_index, tile_offsets, tile_sum
 from ._triton import tl, triton

@@ -17,7 +17,7 @@ bit: 0*(cfg*ratio) + 1*cfg).
 """
 import torch
 
-from engine.samplers import ddim_update as ddim_update_line
+from lumen.engine.samplers import ddim_update as ddim_update_line
 
 from ._common import Walk, check_launchable, use_triton
 from .cfg_rescale import cfg_rescale_reference, cfg_stats

@@ -10,8 +10,8 @@ eps with their own coefficients.
 """
 import torch
 
-from engine.prediction import to_x0_eps
-from engine.samplers import ddim_update as ddim_update_line
+from lumen.engine.prediction import to_x0_eps
+from lumen.engine.samplers import ddim_update as ddim_update_line
 
 from ._common import (BLOCK, PREDICTION_CODES, UNALIGNED_SCALARS, Walk, batch_index, check_device,
                       check_launchable, check_model_output, check_prediction_type, check_scalars,

@@ -4,6 +4,7 @@ import json
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import torch
@@ -11,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from engine import InvalidInputError, LumenError
+from lumen.engine import InvalidInputError, LumenError
 
 from . import errors
 from .batcher import Batcher, BatchKey, Job, ModelError, run_batch
@@ -55,6 +56,11 @@ class Limits:
     @property
     def images_per_request(self) -> int:
         return self.max_images or self.max_batch
+
+
+def model_label(model: str) -> str:
+    """The name clients see: a built-in name, or a folder's own name (never its path)."""
+    return model if model in ("default", "flawed") else Path(model).name
 
 
 def default_size(engine) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine import SamplerConfig
+from lumen.engine import SamplerConfig
 
 
 class QueueFullError(Exception):

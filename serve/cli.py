@@ -1,9 +1,10 @@
 """`lumen serve`: build one engine, warm it up, serve it over HTTP until SIGTERM."""
+import dataclasses
 import os
 import signal
-from pathlib import Path
+import threading
 
-from engine.cli import add_lora_argument
+from lumen.engine.cli import add_lora_argument
 
 
 def add_serve_parser(subparsers) -> None:
@@ -41,27 +42,20 @@ def limits_from(args) -> dict:
                 max_body_bytes=args.max_body_bytes, api_key=args.api_key)
 
 
-def model_label(model: str) -> str:
-    """The name clients see: a built-in name, or a folder's own name (never its path)."""
-    return model if model in ("default", "flawed") else Path(model).name
-
-
 def run_serve(args) -> int:
     if args.ray:
-        from .ray_app import run_ray
-
         return run_ray(args)
     if args.replicas is not None or args.autoscale is not None:
-        from engine import InvalidInputError
+        from lumen.engine.errors import InvalidInputError
 
         raise InvalidInputError("--replicas and --autoscale need --ray")
     import uvicorn
 
-    import engine
+    from lumen.engine import build
 
-    from .app import create_app
+    from .app import create_app, model_label
 
-    eng = engine.build(args.model, backend=args.backend, device=args.device, lora=args.lora)
+    eng = build(args.model, backend=args.backend, device=args.device, lora=args.lora)
     app = create_app(eng, model_name=model_label(args.model), **limits_from(args))
     print(f"lumen serve: {model_label(args.model)} on {eng.device}, warming up, then "
           f"http://{args.host}:{args.port}", flush=True)
@@ -72,3 +66,48 @@ def run_serve(args) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
                 timeout_graceful_shutdown=int(args.timeout_s) + 1)
     return 0
+
+
+def run_ray(args) -> int:
+    """`lumen serve --ray`: deploy on a local Ray (or $RAY_ADDRESS's) until SIGINT or SIGTERM."""
+    import ray
+    from ray import serve
+
+    from .app import Limits, model_label
+    from .ray_app import (APP_NAME, LumenDeployment, cpu_threads, deployment_options,
+                          parse_autoscale)
+
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    limits = Limits(**limits_from(args))
+    autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
+    replicas = 1 if args.replicas is None else args.replicas
+    deployment_options(limits, replicas, autoscale, False, args.replica_cpus)  # checks, before Ray
+    ray.init(address=address)
+    try:
+        gpus = args.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
+        options = deployment_options(limits, replicas, autoscale, gpus, args.replica_cpus)
+        threads = None if gpus else cpu_threads(options)
+        serve.start(http_options={"host": args.host, "port": args.port})
+        deployment = LumenDeployment.options(**options).bind(
+            model=args.model, backend=args.backend, device=args.device, threads=threads,
+            limits=dataclasses.asdict(limits), lora=args.lora)
+        serve.run(deployment, name=APP_NAME, route_prefix="/")  # returns once replicas are up
+        scale = f"{autoscale[0]}-{autoscale[1]}" if autoscale else str(replicas)
+        print(f"lumen serve --ray: {model_label(args.model)}, {scale} replica(s) "
+              f"({'1 GPU' if gpus else f'{args.replica_cpus:g} CPU'} each) on "
+              f"http://{args.host}:{args.port}", flush=True)
+        wait_for_signal()
+        serve.delete(APP_NAME)  # replicas finish their requests, then drain their batchers
+        if address == "local":
+            serve.shutdown()
+    finally:
+        ray.shutdown()
+    return 0
+
+
+def wait_for_signal() -> None:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass

@@ -6,7 +6,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from engine import LumenError
+from lumen.engine import LumenError
 
 from .batcher import ModelError, QueueFullError
 from .http import error_body

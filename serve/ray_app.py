@@ -9,24 +9,22 @@ uvicorn would: the batcher starts and the engine warms up before the replica tak
 when the replica stops, its ongoing requests finish (graceful_shutdown_timeout_s) and the
 lifespan's shutdown drains the batcher. Every response names its replica (X-Lumen-Replica).
 
-`lumen serve --ray` deploys it; `serve run serve.ray_app:app` (or `serve.ray_app:build_app
-model=default replicas=2`) and `serve deploy serve/serve_config.yaml` do too.
+`lumen serve --ray` deploys it (serve/cli.py); `serve run lumen.serve.ray_app:app` (or
+`serve run lumen.serve.ray_app:build_app model=default replicas=2`) and
+`serve deploy serve/serve_config.yaml` do too.
 """
 import asyncio
 import dataclasses
 import os
-import signal
-import threading
 
 import torch
 from ray import serve
 
-import engine
-from engine import InvalidInputError
-from engine.cli import lora_arg
+from lumen import engine
+from lumen.engine import InvalidInputError
+from lumen.engine.lora import lora_arg
 
-from .app import Limits, create_app
-from .cli import limits_from, model_label
+from .app import Limits, create_app, model_label
 
 APP_NAME = "lumen"
 REPLICA_HEADER = "X-Lumen-Replica"
@@ -133,7 +131,8 @@ def limits_arg(name: str, value):
 
 
 def build_app(args: dict) -> "serve.Application":
-    """Serve's application builder: `serve run serve.ray_app:build_app model=default replicas=2`."""
+    """Serve's application builder: `serve run lumen.serve.ray_app:build_app model=default
+    replicas=2`."""
     fields = {f.name for f in dataclasses.fields(Limits)}
     unknown = sorted(set(args) - fields - set(BUILD_ARGS))
     if unknown:
@@ -171,44 +170,4 @@ def env_args() -> dict:
     return {arg: os.environ[var] for var, arg in names.items() if os.environ.get(var)}
 
 
-def run_ray(args) -> int:
-    """`lumen serve --ray`: deploy on a local Ray (or $RAY_ADDRESS's) until SIGINT or SIGTERM."""
-    import ray
-
-    address = os.environ.get("RAY_ADDRESS") or "local"
-    limits = Limits(**limits_from(args))
-    autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
-    replicas = 1 if args.replicas is None else args.replicas
-    deployment_options(limits, replicas, autoscale, False, args.replica_cpus)  # checks, before Ray
-    ray.init(address=address)
-    try:
-        gpus = args.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
-        options = deployment_options(limits, replicas, autoscale, gpus, args.replica_cpus)
-        threads = None if gpus else cpu_threads(options)
-        serve.start(http_options={"host": args.host, "port": args.port})
-        deployment = LumenDeployment.options(**options).bind(
-            model=args.model, backend=args.backend, device=args.device, threads=threads,
-            limits=dataclasses.asdict(limits), lora=args.lora)
-        serve.run(deployment, name=APP_NAME, route_prefix="/")  # returns once replicas are up
-        scale = f"{autoscale[0]}-{autoscale[1]}" if autoscale else str(replicas)
-        print(f"lumen serve --ray: {model_label(args.model)}, {scale} replica(s) "
-              f"({'1 GPU' if gpus else f'{args.replica_cpus:g} CPU'} each) on "
-              f"http://{args.host}:{args.port}", flush=True)
-        wait_for_signal()
-        serve.delete(APP_NAME)  # replicas finish their requests, then drain their batchers
-        if address == "local":
-            serve.shutdown()
-    finally:
-        ray.shutdown()
-    return 0
-
-
-def wait_for_signal() -> None:
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
-
-
-app = build_app(env_args())  # `serve run serve.ray_app:app`
+app = build_app(env_args())  # `serve run lumen.serve.ray_app:app`

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine import SamplerConfig
+from lumen.engine import SamplerConfig
 
 from .batcher import BatchKey
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-import engine
-from engine.models import Components
-from engine.runtime import Engine
+from lumen import engine
+from lumen.engine.models import Components
+from lumen.engine.runtime import Engine
 
 TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                  block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

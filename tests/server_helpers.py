@@ -6,7 +6,7 @@ import time
 import httpx
 import uvicorn
 
-from serve import create_app
+from lumen.serve import create_app
 
 
 class RunningServer:

@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks import adherence, scene_analyzer
-from benchmarks.scene_analyzer import Reading, read_scenes, score
-from engine.builtin import scenes
-from engine.cli import main
+from lumen.benchmarks import adherence, scene_analyzer
+from lumen.benchmarks.scene_analyzer import Reading, read_scenes, score
+from lumen.engine.builtin import scenes
+from lumen.cli import main
 
 RED_CIRCLE = scenes.Scene("circle", "red", "dark")
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-import engine
-from engine import BackendUnavailableError, InvalidInputError, InvalidTypeError, SamplerConfig
+from lumen import engine
+from lumen.engine import BackendUnavailableError, InvalidInputError, InvalidTypeError, SamplerConfig
 
 from conftest import make_tiny_pipeline
 
@@ -177,8 +177,8 @@ def test_diffusers_settings_lumen_cannot_honour_are_refused():
 
 
 def test_noise_lands_on_the_engine_device_whatever_the_generator():
-    from engine.runtime import draw_noise
-    from engine.samplers import make_plan
+    from lumen.engine.runtime import draw_noise
+    from lumen.engine.samplers import make_plan
 
     plan = make_plan(SamplerConfig(), 3, eta=1.0)
     for generator in (None, torch.Generator()):

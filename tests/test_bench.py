@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from benchmarks import ablation
-from benchmarks.presets import PRESETS, Preset
-from engine.cli import main
+from lumen.benchmarks import ablation
+from lumen.benchmarks.presets import PRESETS, Preset
+from lumen.cli import main
 
 from conftest import TINY_UNET
 
@@ -75,7 +75,7 @@ def test_bad_bench_values_are_refused(tmp_path, capsys):
 
 
 def test_python_m_benchmarks_runs(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "lumen.benchmarks", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "--model" in done.stdout and "sd15" in done.stdout
 
@@ -83,21 +83,21 @@ def test_python_m_benchmarks_runs(tmp_path):
 def test_bench_subcommand_still_reaches_the_brightness_study():
     import argparse
 
-    from benchmarks import brightness
-    from benchmarks.cli import add_parsers
+    from lumen.benchmarks import brightness
+    from lumen.benchmarks.cli import add_parsers
 
     parser = argparse.ArgumentParser()
     add_parsers(parser.add_subparsers(dest="command"))
     study = parser.parse_args(["bench", "brightness", "--n", "4"])
     loops = parser.parse_args(["bench", "--steps", "7"])
     assert (study.func, study.n) == (brightness.run, 4)
-    assert (loops.func.__module__, loops.steps, loops.bench) == ("benchmarks.report", 7, None)
+    assert (loops.func.__module__, loops.steps, loops.bench) == ("lumen.benchmarks.report", 7, None)
 
 
 def test_brightness_split_by_noise_sign_stratifies_on_it():
     import torch
 
-    from benchmarks.brightness import split_by_noise_sign
+    from lumen.benchmarks.brightness import split_by_noise_sign
 
     # 6 of 8 seeds with a positive x_T mean; the image is bright exactly when the mean is positive,
     # except one negative seed that came out bright too.
@@ -113,8 +113,8 @@ def test_brightness_split_by_noise_sign_stratifies_on_it():
 def test_brightness_split_needs_both_signs():
     import torch
 
-    from benchmarks.brightness import split_by_noise_sign
-    from engine.errors import InvalidInputError
+    from lumen.benchmarks.brightness import split_by_noise_sign
+    from lumen.engine.errors import InvalidInputError
 
     with pytest.raises(InvalidInputError, match="3 seeds give x_T means of one sign only"):
         split_by_noise_sign(torch.tensor([0.1, 0.9, 0.5]), torch.tensor([0.1, 0.2, 0.3]))
@@ -125,8 +125,8 @@ def test_brightness_noise_means_are_the_engines_initial_noise():
     images the engine makes from generator seed i."""
     import torch
 
-    import engine
-    from benchmarks.brightness import noise_means
+    from lumen import engine
+    from lumen.benchmarks.brightness import noise_means
 
     eng = engine.build("default", device="cpu")
     shape = (3, 32, 32)
@@ -141,7 +141,7 @@ def test_brightness_noise_means_are_the_engines_initial_noise():
 def test_brightness_study_of_one_prompt_group(tmp_path):
     import torch
 
-    from benchmarks import brightness
+    from lumen.benchmarks import brightness
 
     assert brightness.main(["--n", "4", "--steps", "2", "--prompt", "unspecific", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "brightness.json").read_text())
@@ -167,7 +167,7 @@ def test_brightness_study_of_one_prompt_group(tmp_path):
 
 
 def test_brightness_setup_must_be_known(capsys):
-    from benchmarks import brightness
+    from lumen.benchmarks import brightness
 
     with pytest.raises(SystemExit) as exit_info:
         brightness.main(["--setup", "default-typo"])

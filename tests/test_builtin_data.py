@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from engine.builtin import scenes
-from engine.builtin.text import WordTokenizer
-from engine.errors import InvalidInputError
+from lumen.engine.builtin import scenes
+from lumen.engine.builtin.text import WordTokenizer
+from lumen.engine.errors import InvalidInputError
 
 REQUIRED_PROMPTS = ("a red circle", "a red circle on a solid black background",
                     "a red circle on a solid white background", "a blue square on a dark background",

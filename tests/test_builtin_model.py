@@ -3,8 +3,8 @@ import PIL.Image
 import pytest
 import torch
 
-import engine
-from engine.errors import InvalidInputError
+from lumen import engine
+from lumen.engine.errors import InvalidInputError
 
 
 @pytest.fixture(scope="module")

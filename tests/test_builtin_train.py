@@ -5,16 +5,16 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from engine.builtin import MODEL_NAMES, model_dir, scenes
-from engine.builtin.models import load_initial_step
-from engine.builtin.text import LumenTextEncoder, WordTokenizer, load_text_encoder
-from engine.builtin.train import (VARIANTS, ExactTargets, TrainConfig, build_models, diffusion_loss,
+from lumen.engine.builtin import MODEL_NAMES, model_dir, scenes
+from lumen.engine.builtin.models import load_initial_step
+from lumen.engine.builtin.text import LumenTextEncoder, WordTokenizer, load_text_encoder
+from lumen.engine.builtin.train import (VARIANTS, ExactTargets, TrainConfig, build_models, diffusion_loss,
                                   posterior_mean, render_bank, save_model, scheduler_config, train)
-from engine.builtin.train_initial_step import InitialStepConfig
-from engine.builtin.train_initial_step import train as train_initial_step
-from engine.config import PRESETS, SamplerConfig
-from engine.errors import InvalidInputError
-from engine.prediction import to_x0_eps
+from lumen.engine.builtin.train_initial_step import InitialStepConfig
+from lumen.engine.builtin.train_initial_step import train as train_initial_step
+from lumen.engine.config import PRESETS, SamplerConfig
+from lumen.engine.errors import InvalidInputError
+from lumen.engine.prediction import to_x0_eps
 
 TINY = dict(steps=3, batch_size=4, warmup=1, tiny=True)
 

@@ -8,17 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import InvalidInputError
-from export.cache import ArtifactCache, CacheLockTimeout, key_of
+from lumen.engine.errors import InvalidInputError
+from lumen.export.cache import ArtifactCache, CacheLockTimeout, key_of
 
-REPO = Path(__file__).resolve().parents[1]
 FIELDS = {"artifact": "test", "n": 1}
 # A process that builds FIELDS' entry: build() appends its pid to builds.log (one line per
 # build that ran), marks started, sleeps SLEEP seconds, then writes the artifact.
 BUILDER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from export.cache import ArtifactCache
+    from lumen.export.cache import ArtifactCache
     root, sleep = Path(sys.argv[1]), float(sys.argv[2])
     def build(staging):
         with open(root.parent / "builds.log", "a") as log:
@@ -35,7 +34,7 @@ BUILDER = textwrap.dedent("""
 
 def start_builder(tmp_path: Path, sleep: float, lock_timeout_s: float = 60.0) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", BUILDER, str(tmp_path / "cache"), str(sleep),
-                             str(lock_timeout_s)], cwd=REPO, stdout=subprocess.PIPE,
+                             str(lock_timeout_s)], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 

@@ -2,8 +2,8 @@
 import PIL.Image
 import pytest
 
-from benchmarks.brightness import bin_fractions
-from engine.cli import main
+from lumen.benchmarks.brightness import bin_fractions
+from lumen.cli import main
 
 
 def test_generate_from_a_local_folder_writes_numbered_pngs(tiny_pipeline_dir, tmp_path, capsys):

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import engine
-from engine import SamplerConfig
-from engine.graphs import GraphCache
+from lumen import engine
+from lumen.engine import SamplerConfig
+from lumen.engine.graphs import GraphCache
 
 from conftest import make_tiny_unet
 

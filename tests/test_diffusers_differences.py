@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from engine.config import SamplerConfig
-from engine.samplers import make_plan
+from lumen.engine.config import SamplerConfig
+from lumen.engine.samplers import make_plan
 
 from conftest import OracleUNet, oracle_engine
 

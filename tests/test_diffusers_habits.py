@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-import engine
+from lumen import engine
 
 
 def test_latents_set_the_size_without_height_and_width(tiny_pipeline_dir):

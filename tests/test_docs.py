@@ -7,8 +7,9 @@ Four checks, all static (no imports of the packages, so they run in well under a
    and, where it names one, at an existing heading anchor (GitHub's slug rule);
 3. every docs pointer written in code (a docs .md file with an optional #anchor) resolves;
 4. every name the docs cite in backticks exists: test ids (a tests/ file with ::test_name
-   parts), dotted names under the packages (module, then function, class or method) and
-   repository paths.
+   parts), dotted names under `lumen` (module, then function, class or method) and repository
+   paths; and no dotted name is cited under a bare package name (`engine.x` for
+   `lumen.engine.x`), which is not importable.
 """
 import ast
 import functools
@@ -18,8 +19,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("engine", "kernels", "export", "serve", "benchmarks")
-SCANNED = (*PACKAGES, "tests", "docs")  # folders whose .py and .md files are scanned
+PACKAGES = ("engine", "kernels", "export", "serve", "benchmarks")  # installed as lumen.<name>
+SCANNED = (*PACKAGES, "lumen", "tests", "docs")  # folders whose .py and .md files are scanned
 SKIPPED_DIRS = {".venv", "__pycache__"}
 DOCS = sorted((REPO / "docs").glob("*.md"))
 README = REPO / "README.md"
@@ -202,16 +203,17 @@ def test_docs_pointers_in_code_resolve():
 # Names cited in the docs
 
 TEST_ID = re.compile(r"tests/[\w/]+\.py(?:::\w+)*")
-DOTTED = re.compile(rf"(?:{'|'.join(PACKAGES)})(?:\.\w+)+")
-REPO_PATH = re.compile(rf"(?:{'|'.join((*PACKAGES, 'tests', 'docs'))})/[\w./-]*")
+DOTTED = re.compile(r"lumen(?:\.\w+)+")
+BARE_DOTTED = re.compile(rf"(?:{'|'.join(PACKAGES)})(?:\.\w+)+")
+REPO_PATH = re.compile(rf"(?:{'|'.join((*PACKAGES, 'lumen', 'tests', 'docs'))})/[\w./-]*")
 
 
-def cited_names(page: Path) -> list[str]:
-    """Backticked spans of a page that are exactly a test id, a dotted name or a repo path."""
+def cited_names(page: Path, patterns=(TEST_ID, DOTTED, REPO_PATH)) -> list[str]:
+    """Backticked spans of a page that are exactly one of patterns."""
     names = []
     for _, line in prose_lines(read(page)):
         for span in CODE_SPAN.findall(line):
-            if any(p.fullmatch(span) for p in (TEST_ID, DOTTED, REPO_PATH)):
+            if any(p.fullmatch(span) for p in patterns):
                 names.append(span)
     return names
 
@@ -257,6 +259,8 @@ def resolves(name: str) -> bool:
         return (REPO / file).is_file() and names_exist(REPO / file, parts)
     if DOTTED.fullmatch(name):
         parts = name.split(".")
+        # lumen.<package> lives in the folder <package>/ (setup.py's package_dir), lumen.* else in lumen/
+        parts = parts[1:] if len(parts) > 1 and parts[1] in PACKAGES else parts
         for i in range(len(parts), 0, -1):  # the longest prefix that is a module
             base = REPO.joinpath(*parts[:i])
             for module in (base.with_suffix(".py"), base / "__init__.py"):
@@ -278,10 +282,20 @@ def test_cited_name_exists(page, name):
     assert resolves(name), f"{page} cites `{name}`, which does not exist"
 
 
+def test_docs_cite_no_bare_package_names():
+    bare = [f"{rel(page)}: `{name}`" for page in [*DOCS, README]
+            for name in cited_names(page, (BARE_DOTTED,))]
+    assert not bare, "cite these as lumen.<name>:\n" + "\n".join(bare)
+
+
 def test_resolver_finds_what_exists_and_only_that():
-    assert resolves("engine.runtime.Engine.hand_over") and resolves("engine.GraphCaptureError")
+    assert resolves("lumen.engine.runtime.Engine.hand_over")
+    assert resolves("lumen.engine.GraphCaptureError") and resolves("lumen.GraphCaptureError")
+    assert resolves("lumen.cli.main") and resolves("lumen.build")
     assert resolves("tests/test_docs.py::test_resolver_finds_what_exists_and_only_that")
-    assert resolves("kernels/aot.py") and resolves("kernels.guided_step")
-    assert not resolves("engine.runtime.Engine.no_such_method")
+    assert resolves("kernels/aot.py") and resolves("lumen.kernels.guided_step")
+    assert resolves("lumen/cli.py")
+    assert not resolves("engine.runtime.Engine.hand_over")  # not importable: no lumen. prefix
+    assert not resolves("lumen.engine.runtime.Engine.no_such_method")
     assert not resolves("tests/test_docs.py::test_no_such_test")
-    assert not resolves("engine.no_such_module")
+    assert not resolves("lumen.engine.no_such_module") and not resolves("lumen.no_such_module")

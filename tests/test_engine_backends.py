@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import engine
+from lumen import engine
 
 pytest.importorskip("onnxruntime", reason="the onnxruntime backend needs onnxruntime")
 

@@ -4,7 +4,7 @@ import threading
 import pytest
 import torch
 
-import engine
+from lumen import engine
 
 PROMPTS = {
     "default": ["a red circle on a solid black background", "a white square on a solid white background",

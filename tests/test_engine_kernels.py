@@ -6,9 +6,9 @@ key, so each mode gets its own graph); on CPU they run under TRITON_INTERPRET=1.
 import pytest
 import torch
 
-import engine
-import kernels
-from engine import SamplerConfig
+from lumen import engine
+from lumen import kernels
+from lumen.engine import SamplerConfig
 
 from conftest import make_tiny_unet
 

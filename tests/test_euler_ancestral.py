@@ -4,9 +4,9 @@ import pytest
 import torch
 from diffusers import EulerAncestralDiscreteScheduler
 
-import engine
-from engine import SamplerConfig
-from engine.samplers import make_plan
+from lumen import engine
+from lumen.engine import SamplerConfig
+from lumen.engine.samplers import make_plan
 
 from conftest import oracle_engine
 

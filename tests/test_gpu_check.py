@@ -1,4 +1,4 @@
-"""`python -m benchmarks.gpu_check --dry-run`: every stage on CPU, reports, time boxes, exit codes."""
+"""`python -m lumen.benchmarks.gpu_check --dry-run`: every stage on CPU, reports, time boxes, exit codes."""
 import json
 import os
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import gpu_check
+from lumen.benchmarks import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ def gpu_check_run(out: Path, *args, hang: str | None = None) -> subprocess.Compl
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LUMEN_KERNELS")}
     if hang:
         env[gpu_check.HANG_ENV] = hang
-    return subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(out),
+    return subprocess.run([sys.executable, "-m", "lumen.benchmarks.gpu_check", "--out", str(out),
                            "--dry-run", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
 
@@ -118,7 +118,7 @@ def test_bad_stages_and_budgets_are_refused(tmp_path, capsys, args, message):
 def test_lumen_bench_gpu_reaches_the_check():
     import argparse
 
-    from benchmarks.cli import add_parsers
+    from lumen.benchmarks.cli import add_parsers
 
     parser = argparse.ArgumentParser()
     add_parsers(parser.add_subparsers(dest="command"))

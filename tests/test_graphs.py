@@ -10,9 +10,9 @@ import warnings
 import pytest
 import torch
 
-import engine
-from engine import InvalidInputError, SamplerConfig
-from engine.graphs import CaptureError, GraphCache, GraphCaptureError, resolve_mode
+from lumen import engine
+from lumen.engine import InvalidInputError, SamplerConfig
+from lumen.engine.graphs import CaptureError, GraphCache, GraphCaptureError, resolve_mode
 
 from conftest import make_tiny_unet
 

@@ -2,7 +2,7 @@
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-from engine.guidance import guide
+from lumen.engine.guidance import guide
 
 
 def pair(batch=3, seed=0):

@@ -2,8 +2,8 @@
 (docs/math.md#singdiffusions-initial-step)."""
 import torch
 
-from engine import SamplerConfig
-from engine.samplers import make_plan
+from lumen.engine import SamplerConfig
+from lumen.engine.samplers import make_plan
 
 from conftest import oracle_engine
 

@@ -16,14 +16,14 @@ import torch
 CUDA = torch.cuda.is_available()
 pytest.importorskip("triton", reason="the kernel tests need triton (CPU: its interpreter)")
 
-import kernels  # noqa: E402
-from engine.config import SamplerConfig  # noqa: E402
-from engine.errors import InvalidInputError, InvalidTypeError  # noqa: E402
-from engine.guidance import guide  # noqa: E402
-from engine.samplers import plan_ddim, step_schedule  # noqa: E402
-from kernels import _common  # noqa: E402
-from kernels.cfg_rescale import cfg_rescale_reference  # noqa: E402
-from kernels.sampler_update import (ddim_update, ddim_update_reference, x0_eps,  # noqa: E402
+from lumen import kernels  # noqa: E402
+from lumen.engine.config import SamplerConfig  # noqa: E402
+from lumen.engine.errors import InvalidInputError, InvalidTypeError  # noqa: E402
+from lumen.engine.guidance import guide  # noqa: E402
+from lumen.engine.samplers import plan_ddim, step_schedule  # noqa: E402
+from lumen.kernels import _common  # noqa: E402
+from lumen.kernels.cfg_rescale import cfg_rescale_reference  # noqa: E402
+from lumen.kernels.sampler_update import (ddim_update, ddim_update_reference, x0_eps,  # noqa: E402
                                     x0_eps_reference)
 
 DEVICE = "cuda" if CUDA else "cpu"

@@ -14,9 +14,10 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from safetensors.torch import load_file, save_file
 
-import engine
-from engine import InvalidInputError, InvalidTypeError
-from engine.cli import lora_arg, main
+from lumen import engine
+from lumen.engine import InvalidInputError, InvalidTypeError
+from lumen.cli import main
+from lumen.engine.lora import lora_arg
 
 from conftest import make_tiny_pipeline, make_tiny_sdxl_pipeline, make_tiny_unet
 
@@ -289,7 +290,7 @@ def test_lumen_build_with_loras_fills_the_entry_the_engine_uses(sd_loras, tiny_p
 
 
 def test_a_two_item_list_is_a_pair_as_json_and_yaml_give_it(sd_loras):
-    from engine.lora import parse_loras
+    from lumen.engine.lora import parse_loras
 
     path = sd_loras["unet"]
     assert parse_loras([[path, 0.5], path]) == parse_loras([(path, 0.5), path])

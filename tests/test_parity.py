@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-import engine
+from lumen import engine
 
 
 PAPER_DDIM = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,

@@ -6,8 +6,8 @@ import torch
 from diffusers import DDIMScheduler, HeunDiscreteScheduler
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import engine
-from engine import SamplerConfig
+from lumen import engine
+from lumen.engine import SamplerConfig
 
 from conftest import make_tiny_unet
 
@@ -104,7 +104,7 @@ class NoHostSync(TorchDispatchMode):
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "heun", "dpmpp_2m"])
 def test_sampling_loop_has_no_host_sync(eng, sampler):
-    from engine import samplers
+    from lumen.engine import samplers
 
     config = SamplerConfig(sampler=sampler, timestep_spacing="karras" if sampler == "heun" else "trailing",
                            s_churn=5.0)
@@ -139,7 +139,7 @@ def test_vae_that_asks_for_upcast_stays_fp32_in_an_fp16_run(force_upcast):
     """SDXL's VAE overflows in fp16 and its config says force_upcast: decode it in fp32."""
     from diffusers import AutoencoderKL
 
-    from engine.models import Components
+    from lumen.engine.models import Components
 
     vae = AutoencoderKL(block_out_channels=(32,), norm_num_groups=32, force_upcast=force_upcast)
     parts = Components(make_tiny_unet(), vae=vae).to("cpu", torch.float16)

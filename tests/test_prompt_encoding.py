@@ -8,9 +8,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-import engine
-from engine import InvalidInputError
-from engine.prompts import embed_prompts
+from lumen import engine
+from lumen.engine import InvalidInputError
+from lumen.engine.prompts import embed_prompts
 
 from conftest import make_tiny_sdxl_pipeline
 
@@ -96,7 +96,7 @@ def test_long_prompt_warns_with_the_truncated_text(sdxl, caplog):
         embed_prompts(eng.components, ["abcdefghijklmnop", "ab"], None, None, None, 1, cfg=False)
     warnings = [(r.name, r.getMessage()) for r in caplog.records]
     # 12 tokens: start, ten letters, end; "klmnop" is cut. One warning for both tokenizers.
-    assert warnings == [("engine.clip", "prompt longer than the tokenizer's 12 tokens; this part "
+    assert warnings == [("lumen.engine.clip", "prompt longer than the tokenizer's 12 tokens; this part "
                                         "was truncated: ['klmnop']")]
 
 

@@ -21,10 +21,10 @@ try:
 except ImportError:
     pytest.skip("ray[serve] is not installed (pip install -e '.[ray]')", allow_module_level=True)
 
-import engine
-from engine import InvalidInputError
-from serve.app import Limits
-from serve.ray_app import (APP_NAME, REPLICA_HEADER, LumenDeployment, build_app,
+from lumen import engine
+from lumen.engine import InvalidInputError
+from lumen.serve.app import Limits
+from lumen.serve.ray_app import (APP_NAME, REPLICA_HEADER, LumenDeployment, build_app,
                            deployment_options, parse_autoscale)
 
 from server_helpers import RunningServer
@@ -53,7 +53,7 @@ def test_lumen_serve_ray_deploys_serves_and_exits_0_on_sigterm():
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--ray", "--replicas", "1", "--replica-cpus",
+        [sys.executable, "-m", "lumen", "serve", "--ray", "--replicas", "1", "--replica-cpus",
          "1", "--port", str(port), "--max-batch", "1"], cwd=REPO, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
@@ -91,7 +91,7 @@ def test_the_serve_config_yaml_is_a_valid_serve_config_for_build_app():
 
     config = yaml.safe_load((REPO / "serve" / "serve_config.yaml").read_text())
     (application,) = ServeDeploySchema.model_validate(config).applications
-    assert application.import_path == "serve.ray_app:build_app"
+    assert application.import_path == "lumen.serve.ray_app:build_app"
     deployment = build_app(application.args)._bound_deployment
     assert deployment.name == application.deployments[0].name == "LumenDeployment"
     assert deployment._deployment_config.autoscaling_config.max_replicas == 4
@@ -280,7 +280,7 @@ def test_build_app_passes_loras_to_each_replica(lora, expected):
 
 
 def test_lumen_serve_rejects_bad_scaling_before_starting_ray(capsys):
-    from engine.cli import main
+    from lumen.cli import main
 
     assert main(["serve", "--replicas", "2"]) == 2
     assert "--replicas and --autoscale need --ray" in capsys.readouterr().err

@@ -6,9 +6,9 @@ The math: docs/math.md#ddim and docs/math.md#edm-euler-and-heun.
 import pytest
 import torch
 
-from engine.config import SamplerConfig
-from engine.prediction import to_x0_eps
-from engine.samplers import make_plan
+from lumen.engine.config import SamplerConfig
+from lumen.engine.prediction import to_x0_eps
+from lumen.engine.samplers import make_plan
 
 from conftest import oracle_engine
 
@@ -107,7 +107,7 @@ def test_heun_is_second_order_on_a_smooth_problem():
         def denoise(x, k):  # data ~ N(0, 1): E[x0 | x_t] = a*x_t (VP, abar + s^2 = 1)
             x0 = plan.a[k] * x
             return x0, (x - plan.a[k] * x0) / plan.s[k]
-        from engine.samplers import sample
+        from lumen.engine.samplers import sample
         return sample(denoise, x_T * plan.s[0], plan, torch.zeros(1, S, 1, 1, 1, dtype=torch.float64))
     exact = error("heun", 400)
     heun = [float((error("heun", S) - exact).abs()) for S in (8, 16)]

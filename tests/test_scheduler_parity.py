@@ -13,10 +13,10 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
 
-from engine import SamplerConfig
-from engine.models import Components
-from engine.runtime import Engine
-from engine.samplers import make_plan
+from lumen.engine import SamplerConfig
+from lumen.engine.models import Components
+from lumen.engine.runtime import Engine
+from lumen.engine.samplers import make_plan
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="epsilon")
 MU, S2 = 0.3, 0.25  # data mean and variance

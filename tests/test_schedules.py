@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from engine.config import SamplerConfig
-from engine.samplers import make_plan, step_schedule
-from engine.schedules import (make_betas, rescale_zero_terminal_snr, spaced_timesteps, train_abar)
+from lumen.engine.config import SamplerConfig
+from lumen.engine.samplers import make_plan, step_schedule
+from lumen.engine.schedules import (make_betas, rescale_zero_terminal_snr, spaced_timesteps, train_abar)
 
 SCHEDULES = [("linear", 1e-4, 0.02), ("squaredcos_cap_v2", 0.0, 0.0), ("scaled_linear", 0.00085, 0.012)]
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import engine
-from engine import InvalidInputError
+from lumen import engine
+from lumen.engine import InvalidInputError
 
 from conftest import make_tiny_unet
 

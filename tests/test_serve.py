@@ -9,7 +9,7 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-import engine
+from lumen import engine
 
 from server_helpers import RunningServer
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 import torch
 
-import engine
-from serve.batcher import Batcher, BatchKey, Job, ModelError
+from lumen import engine
+from lumen.serve.batcher import Batcher, BatchKey, Job, ModelError
 
 from server_helpers import RunningServer
 
@@ -164,7 +164,7 @@ def test_sigterm_finishes_the_running_request_and_exits_0():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "LUMEN_API_KEY": "k"}
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "lumen", "serve", "--port", str(port),
                              "--batch-wait-ms", "1000"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

@@ -3,9 +3,9 @@ import math
 
 import pytest
 
-from engine import InvalidInputError, SamplerConfig
-from serve import Limits
-from serve.schemas import (A1111Txt2ImgRequest, InvalidRequest, OpenAIImageRequest, a1111_order,
+from lumen.engine import InvalidInputError, SamplerConfig
+from lumen.serve import Limits
+from lumen.serve.schemas import (A1111Txt2ImgRequest, InvalidRequest, OpenAIImageRequest, a1111_order,
                            openai_order)
 
 BASE = SamplerConfig()

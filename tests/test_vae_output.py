@@ -3,8 +3,8 @@ black images."""
 import pytest
 import torch
 
-import engine
-from engine import InvalidInputError, InvalidTypeError, NonFiniteOutputError
+from lumen import engine
+from lumen.engine import InvalidInputError, InvalidTypeError, NonFiniteOutputError
 
 from conftest import make_tiny_unet
 

@@ -1,7 +1,7 @@
 """Train a built-in model: text encoder + pixel UNet jointly on procedural scenes.
 
-    python -m engine.builtin.train --variant default   # zero terminal SNR, v-prediction
-    python -m engine.builtin.train --variant flawed    # SD schedule, epsilon
+    python -m lumen.engine.builtin.train --variant default   # zero terminal SNR, v-prediction
+    python -m lumen.engine.builtin.train --variant flawed    # SD schedule, epsilon
 
 The shipped weights are five phases per variant, each continuing from the last
 (`--init-from engine/builtin/weights/<variant>`; training.json keeps every phase): the commands
@@ -312,7 +312,7 @@ def save_model(out_dir, encoder, unet, config: TrainConfig, stats: dict,
     (out_dir / "scheduler").mkdir(parents=True, exist_ok=True)
     (out_dir / "scheduler" / "scheduler_config.json").write_text(
         json.dumps(scheduler_config(config.variant), indent=1) + "\n")
-    record = {"command": "python -m engine.builtin.train " + " ".join(sys.argv[1:]),
+    record = {"command": "python -m lumen.engine.builtin.train " + " ".join(sys.argv[1:]),
               "config": asdict(config), "data_seed": config.seed, "noise_seed": config.seed + 1,
               "init_seed": config.seed, "torch": torch.__version__, **stats}
     if previous is not None:

@@ -1,7 +1,7 @@
 """Train SingDiffusion's initial-step x0-predictor for the `flawed` built-in model
 (docs/math.md#singdiffusions-initial-step).
 
-    python -m engine.builtin.train_initial_step
+    python -m lumen.engine.builtin.train_initial_step
 
 Input: pure noise x_T and the flawed model's (frozen) text embeddings; target: x0; MSE, 10%
 caption dropout. The MSE optimum is E[x0 | prompt], which the flawed model itself cannot reach
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     predictor, stats = train(config, load_text_encoder(model_dir("flawed")),
                              log=lambda m: print(m, flush=True))
     predictor.save_pretrained(args.out, text_encoder_of="flawed")
-    record = {"command": "python -m engine.builtin.train_initial_step " + " ".join(sys.argv[1:]),
+    record = {"command": "python -m lumen.engine.builtin.train_initial_step " + " ".join(sys.argv[1:]),
               "config": asdict(config), "data_seed": config.seed, "noise_seed": config.seed + 1,
               "init_seed": config.seed, "torch": torch.__version__, **stats}
     (args.out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
