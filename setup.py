@@ -34,7 +34,7 @@ setup(
         "pillow>=9.0",
         "tqdm>=4.60",
         "filelock>=3.12",  # the artifact cache's build lock
-        "peft>=0.13",  # diffusers loads LoRAs (engine.build(lora=...)) through PEFT
+        "peft>=0.13",  # diffusers loads LoRAs (lumen.build(lora=...)) through PEFT
     ],
     extras_require={
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"],
@@ -49,7 +49,10 @@ setup(
         # --no-deps: its dependencies are TensorRT's CUDA wheels. .ci/run does that.
         "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "triton>=3.0", "matplotlib>=3.7",
                  "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "mypy>=1.10",
-                 *RAY, "httpx>=0.27", "openai>=1.0"],
+                 *RAY, "httpx>=0.27", "openai>=1.0",
+                 # tests/test_namespace.py builds the wheel offline with this environment's
+                 # setuptools (70.1 has bdist_wheel built in)
+                 "setuptools>=70.1"],
     },
     entry_points={"console_scripts": ["lumen=lumen.cli:main"]},
 )
