@@ -238,7 +238,7 @@ def compiled_registers(arch: int | None, out: Path) -> dict:
     """
     path = out / "registers.json"
     path.unlink(missing_ok=True)
-    code = ("import json, sys; from kernels import aot; "
+    code = ("import json, sys; from lumen.kernels import aot; "
             f"json.dump(aot.compile_set(arch={arch!r}), open(sys.argv[1], 'w'))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, env=env,

@@ -23,7 +23,7 @@ def test_latents_set_the_size_without_height_and_width(tiny_pipeline_dir):
 
 def load_output(model: str) -> tuple[str, str]:
     """(stdout, stderr) of a fresh interpreter that builds an engine for `model`."""
-    code = f"import engine; engine.build({model!r}, device='cpu')"
+    code = f"from lumen import engine; engine.build({model!r}, device='cpu')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return done.stdout, done.stderr

@@ -1,6 +1,6 @@
 """The step kernels compile for sm_90 (H100/H200) with no GPU present: ahead of time, in CI.
 
-Triton's compiler and ptxas run here; `kernels.aot` drives the real launchers with an offline
+Triton's compiler and ptxas run here; `lumen.kernels.aot` drives the real launchers with an offline
 driver and reads each cubin's registers and local memory. Runs in a subprocess: the test
 session imports `kernels` under TRITON_INTERPRET=1, where the kernels are interpreted instead.
 """
@@ -21,7 +21,7 @@ ROWS = (0, 1, 2, 3)  # plan rows: the scalars' addresses are 16-byte aligned onl
 def records(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "sm90.json"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LUMEN_KERNELS")}
-    code = ("import json, sys; from kernels.aot import compile_set; "
+    code = ("import json, sys; from lumen.kernels.aot import compile_set; "
             f"json.dump(compile_set(90, rows={ROWS}), open(sys.argv[1], 'w'))")
     done = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True,
                           text=True, timeout=600)

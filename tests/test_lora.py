@@ -258,7 +258,7 @@ def test_generate_fuses_loras_given_on_the_command_line(sd_loras, tiny_pipeline_
 
 def build_output(model: str, lora: list) -> tuple[str, set]:
     """(stdout, the progress bars as (name, total)) of a fresh interpreter building model."""
-    code = f"import engine; engine.build({model!r}, device='cpu', lora={lora!r})"
+    code = f"from lumen import engine; engine.build({model!r}, device='cpu', lora={lora!r})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     bars = set(re.findall(r"(\w[\w ]*)\.*:\s+\d+%\|[^|]*\| \d+/(\d+)", done.stderr))
