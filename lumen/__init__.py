@@ -18,4 +18,5 @@ from .engine import (PRESETS, BackendUnavailableError, Engine, GraphCaptureError
                      SamplerConfig, build)
 
 __all__ = ["build", "Engine", "SamplerConfig", "PRESETS", "LumenError", "InvalidInputError",
-           "InvalidTypeError", "BackendUnavailableError", "GraphCaptureError", "NonFiniteOutputError"]
+           "InvalidTypeError", "BackendUnavailableError", "GraphCaptureError",
+           "NonFiniteOutputError"]

@@ -15,7 +15,8 @@ from lumen.serve.cli import add_serve_parser
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lumen", description="Generate images, build backend artifacts, serve, run benchmarks.")
+        prog="lumen",
+        description="Generate images, build backend artifacts, serve, run benchmarks.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add in (add_generate_parser, add_build_parser, add_serve_parser, add_bench_parsers):
         add(subparsers)
