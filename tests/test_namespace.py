@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -117,10 +118,8 @@ def test_the_import_check_sees_every_form_and_resolves_relative_imports():
 
 def import_graph() -> dict[str, set[str]]:
     """Project module -> the project modules it imports (at any depth in the file)."""
-    graph = {}
-    for name, path in MODULES.items():
-        graph[name] = {target for _, target in imports(path) if target in MODULES and target != name}
-    return graph
+    return {name: {target for _, target in imports(path) if target in MODULES and target != name}
+            for name, path in MODULES.items()}
 
 
 def test_command_line_parsers_form_no_import_circle_and_never_import_the_front_door():
@@ -147,18 +146,23 @@ def test_command_line_parsers_form_no_import_circle_and_never_import_the_front_d
 # The wheel, built offline, and both installs
 
 
-def tracked_files() -> list[str]:
-    done = subprocess.run(["git", "ls-files", *PACKAGES, "lumen"], cwd=REPO, capture_output=True,
-                          text=True, check=True)
-    return [f for f in done.stdout.splitlines() if not f.startswith(NOT_INSTALLED)]
+def tracked_files(*tops: str) -> list[str]:
+    done = subprocess.run(["git", "ls-files", *tops], cwd=REPO, capture_output=True, text=True,
+                          check=True)
+    return done.stdout.splitlines()
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    # from a copy of the tracked files: an in-tree build would leave build/ behind, and
+    # build/lib's stale files would go into the next wheel
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    for name in tracked_files():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
     # offline: no index, the environment's setuptools builds it
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index",
-                           "--no-build-isolation", "--wheel-dir", str(out), str(REPO)],
+                           "--no-build-isolation", "--wheel-dir", str(out), str(source)],
                           cwd=out, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     (path,) = out.glob("lumen_diffusion-*.whl")
@@ -178,7 +182,8 @@ def test_the_wheels_only_top_level_package_is_lumen(wheel):
 
 def test_the_wheel_holds_every_module_weight_and_data_file(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {f if f.startswith("lumen/") else f"lumen/{f}" for f in tracked_files()}
+    expected = {f if f.startswith("lumen/") else f"lumen/{f}"
+                for f in tracked_files(*PACKAGES, "lumen") if not f.startswith(NOT_INSTALLED)}
     assert expected - names == set(), "missing from the wheel"
     weights = [n for n in expected if "/builtin/weights/" in n]
     assert len([n for n in weights if n.endswith(".safetensors")]) == 5
@@ -261,8 +266,8 @@ plan = plan_ddim(*step_schedule(SamplerConfig(), 7), 0.5).to("cpu")
 shape = (2, 3, 9, 7)  # irregular, to exercise the masks
 args = dict(m=torch.randn((4,) + shape[1:], generator=g), x=torch.randn(shape, generator=g),
             noise_i=torch.randn(shape, generator=g), a_t=plan.a[2], s_t=plan.s[2],
-            coef_i=plan.coef[2], guidance_scale=torch.tensor(7.5), guidance_rescale=torch.tensor(0.7),
-            prediction_type="v_prediction", cfg=True)
+            coef_i=plan.coef[2], guidance_scale=torch.tensor(7.5),
+            guidance_rescale=torch.tensor(0.7), prediction_type="v_prediction", cfg=True)
 assert lumen.kernels.use_triton(args["x"])
 fused = lumen.kernels.guided_step(**args)
 reference = lumen.kernels.guided_step_reference(**args)
@@ -290,7 +295,7 @@ def test_hub_kernels_and_lumen_kernels_run_in_one_process(tmp_path, editable_run
 @needs_hub_kernels
 def test_a_checkout_root_on_sys_path_does_not_hide_hub_kernels():
     # `python -c` in the repository root puts the root first on sys.path, where kernels/ is
-    code = ("import sys, json; root = sys.path[0]; import lumen; import transformers.modeling_utils; "
+    code = ("import sys, json; import lumen; import transformers.modeling_utils; "
             "print(json.dumps({'kernels': sys.modules['kernels'].__file__, 'path': sys.path}))")
     ran = run_python(code, REPO)
     assert "site-packages" in ran["kernels"] and Path(ran["kernels"]).parent.name == "kernels"
