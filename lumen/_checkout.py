@@ -3,8 +3,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-PACKAGES = ("engine", "kernels", "export", "serve", "benchmarks")
-
 
 def package_root() -> Path:
     """The folder holding lumen.kernels' folder: the checkout's root in an editable install."""

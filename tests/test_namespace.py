@@ -307,3 +307,13 @@ def test_python_m_lumen_runs_from_the_checkout_root():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("usage: lumen generate")
+
+
+def test_an_uninstalled_checkout_says_to_install():
+    # -S: no site-packages, so no editable install; the checkout's root alone on sys.path
+    done = subprocess.run([sys.executable, "-S", "-c", "import lumen"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "ImportError: lumen.kernels not found: Lumen's packages install through setup.py's "
+        "package_dir; run `pip install -e .` (or install the wheel)")
