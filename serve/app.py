@@ -3,6 +3,7 @@ import asyncio
 import json
 import time
 from contextlib import asynccontextmanager
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,15 +16,22 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from lumen.engine import InvalidInputError, LumenError
 
 from . import errors
-from .batcher import Batcher, BatchKey, Job, ModelError, run_batch
+from .a1111 import (UNSERVED, Checkpoint, add_a1111_routes, cmd_flags, lora_items, vae_items,
+                    weights_sha256)
+from .batcher import Batcher, BatchKey, Interrupted, Job, ModelError, run_batch
 from .http import AuthMiddleware, Metrics, MetricsMiddleware
 from .output import encode, infotext
-from .schemas import (A1111_SAMPLERS, A1111_SCHEDULERS, A1111Txt2ImgRequest, InvalidRequest,
-                      OpenAIImageRequest, Order, a1111_order, openai_order)
+from .schemas import (A1111Txt2ImgRequest, InvalidRequest, OpenAIImageRequest, Order, a1111_order,
+                      ignored_fields, openai_order)
 
 OPENAI_IMAGES, A1111_TXT2IMG = "/v1/images/generations", "/sdapi/v1/txt2img"
-ENDPOINTS = (OPENAI_IMAGES, A1111_TXT2IMG, "/v1/models", "/sdapi/v1/samplers",
-             "/sdapi/v1/schedulers", "/sdapi/v1/sd-models", "/health", "/metrics")
+A1111_INFO = ("samplers", "schedulers", "sd-models", "options", "upscalers", "latent-upscale-modes",
+              "sd-vae", "loras", "embeddings", "hypernetworks", "face-restorers", "prompt-styles",
+              "scripts", "script-info", "realesrgan-models", "cmd-flags", "memory",
+              "refresh-checkpoints", "refresh-vae", "refresh-loras", "png-info", "progress",
+              "interrupt", "skip")
+ENDPOINTS = (OPENAI_IMAGES, A1111_TXT2IMG, "/v1/models", *(f"/sdapi/v1/{n}" for n in A1111_INFO),
+             *UNSERVED, "/health", "/metrics")
 
 
 @dataclass(frozen=True)
@@ -78,8 +86,12 @@ def warm_up(engine) -> None:
     run_batch(engine, key, [Job(key, ("",), ("",), (0,))])
 
 
-def create_app(engine, model_name: str = "lumen", warmup: bool = True, **limits) -> FastAPI:
-    """The ASGI app serving `engine`; limits are Limits' fields. Serve it with uvicorn."""
+def create_app(engine, model_name: str = "lumen", warmup: bool = True, lora=None,
+               flags: dict | None = None, **limits) -> FastAPI:
+    """The ASGI app serving `engine`; limits are Limits' fields. Serve it with uvicorn.
+
+    lora: the `lora=` the engine was built with (named in A1111's /sdapi/v1/loras); flags: the
+    server's start-up flags (A1111's /sdapi/v1/cmd-flags)."""
     limits = Limits(**limits)
     metrics = Metrics(limits.max_batch)
 
@@ -90,6 +102,9 @@ def create_app(engine, model_name: str = "lumen", warmup: bool = True, **limits)
         metrics.queue.set_function(lambda: batcher.waiting_images)
         app.state.batcher = batcher
         try:
+            sha256 = await asyncio.wrap_future(batcher.call(
+                lambda: weights_sha256(engine.components.unet)))
+            app.state.checkpoint = Checkpoint(model_name, sha256)
             if warmup:
                 await asyncio.wrap_future(batcher.call(lambda: warm_up(engine)))
             app.state.ready = True
@@ -103,6 +118,9 @@ def create_app(engine, model_name: str = "lumen", warmup: bool = True, **limits)
     errors.install(app)
     add_image_routes(app, engine, model_name, limits)
     add_info_routes(app, model_name, metrics)
+    add_a1111_routes(app, lambda: app.state.checkpoint, lora_items(lora, engine.components.loras),
+                     cmd_flags(model=model_name, **dataclasses.asdict(limits), **(flags or {})),
+                     vae_items(engine, model_name))
     if limits.api_key is not None:
         app.add_middleware(AuthMiddleware, api_key=limits.api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=ENDPOINTS)  # outermost
@@ -127,12 +145,19 @@ def add_image_routes(app: FastAPI, engine, model_name: str, limits: Limits) -> N
 
     @app.post(A1111_TXT2IMG)
     async def txt2img(body: A1111Txt2ImgRequest, request: Request):
+        if "sd_model_checkpoint" in body.override_settings:
+            request.app.state.checkpoint.check(body.override_settings["sd_model_checkpoint"],
+                                               "override_settings.sd_model_checkpoint")
         order, label = a1111_order(body, engine.config, limits.max_pixels, limits.images_per_request)
-        images = await generate(request, engine, order, limits)
+        try:
+            images = await generate(request, engine, order, limits)
+        except Interrupted:  # A1111 answers an interrupted job with what it has: nothing yet
+            images = []
         texts = [infotext(p, n, order.key, s, model_name)
                  for p, n, s in zip(order.prompts, order.negative_prompts, order.seeds)]
-        pngs = await anyio.to_thread.run_sync(encode, images, texts)
+        pngs = await anyio.to_thread.run_sync(encode, images, texts[:len(images)])
         info = a1111_info(body, order, label, texts, model_name)
+        info.update(interrupted=not images, ignored=ignored_fields(body))
         return {"images": pngs, "parameters": body.model_dump(), "info": json.dumps(info)}
 
 
@@ -154,9 +179,14 @@ async def generate(request: Request, engine, order: Order, limits: Limits) -> li
     """Check the order with the engine, queue it, wait for its images (or time out, or drop it)."""
     request.state.images = len(order.seeds)
     batcher: Batcher = request.app.state.batcher
-    await asyncio.wrap_future(batcher.call(lambda: check_with_engine(engine, order)))
-    job = Job(order.key, order.prompts, order.negative_prompts, order.seeds)
-    future = asyncio.wrap_future(batcher.submit(job))
+    with batcher.admitted() as epoch:
+        await asyncio.wrap_future(batcher.call(lambda: check_with_engine(engine, order)))
+        job = Job(order.key, order.prompts, order.negative_prompts, order.seeds)
+        return await wait_for(request, job, asyncio.wrap_future(batcher.submit(job, epoch)), limits)
+
+
+async def wait_for(request: Request, job: Job, future, limits: Limits) -> list:
+    """The job's images, or TimeoutError past timeout_s, or Disconnected when the client left."""
     deadline = job.created + limits.timeout_s
     while True:
         remaining = deadline - time.monotonic()
@@ -179,7 +209,7 @@ def check_with_engine(engine, order: Order) -> None:
             prompt=list(order.prompts), negative_prompt=list(order.negative_prompts) if key.cfg else None,
             num_inference_steps=key.steps, guidance_scale=key.guidance_scale,
             guidance_rescale=key.guidance_rescale, eta=key.eta, height=key.height, width=key.width,
-            generator=[torch.Generator() for _ in order.seeds])
+            generator=[torch.Generator() for _ in order.seeds], clip_skip=key.clip_skip)
     except LumenError:
         raise
     except (RuntimeError, MemoryError) as err:
@@ -201,17 +231,4 @@ def add_info_routes(app: FastAPI, model_name: str, metrics: Metrics) -> None:
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "lumen"}]}
 
-    @app.get("/sdapi/v1/samplers")
-    async def samplers():
-        return [{"name": label, "aliases": aliases, "options": {}}
-                for label, (_, aliases) in A1111_SAMPLERS.items()]
-
-    @app.get("/sdapi/v1/schedulers")
-    async def schedulers():
-        return [{"name": label.lower(), "label": label} for label in A1111_SCHEDULERS]
-
-    @app.get("/sdapi/v1/sd-models")
-    async def sd_models():
-        return [{"title": model_name, "model_name": model_name, "hash": None, "sha256": None,
-                 "filename": model_name, "config": None}]
 

@@ -10,6 +10,8 @@ images back through its own future, never by its position in a queue.
 """
 import collections
 import concurrent.futures
+import contextlib
+import dataclasses
 import math
 import threading
 import time
@@ -36,6 +38,10 @@ class DroppedError(Exception):
     """The request left before its batch started (client gone or server stopping)."""
 
 
+class Interrupted(Exception):
+    """POST /sdapi/v1/interrupt cancelled the request while it waited for its batch."""
+
+
 @dataclass(frozen=True)
 class BatchKey:
     """What shapes the loop: requests with equal keys can share one Engine.run."""
@@ -47,6 +53,7 @@ class BatchKey:
     guidance_scale: float  # 1 means CFG off
     guidance_rescale: float
     eta: float
+    clip_skip: int | None = None  # text-encoder layers skipped (A1111's CLIP_stop_at_last_layers - 1)
 
     @property
     def cfg(self) -> bool:
@@ -76,8 +83,11 @@ class Job:
         self.future.cancel()
 
 
-def run_batch(engine, key: BatchKey, jobs: list[Job], output_type: str = "pil") -> list:
-    """One Engine.run for all the jobs' images, in job order; image i uses seed i's generator."""
+def run_batch(engine, key: BatchKey, jobs: list[Job], output_type: str = "pil",
+              callback=None) -> list:
+    """One Engine.run for all the jobs' images, in job order; image i uses seed i's generator.
+
+    callback(i), if given, is Engine.run's: called on the host after step i."""
     prompts = [p for job in jobs for p in job.prompts]
     negatives = [p for job in jobs for p in job.negative_prompts]
     generators = [torch.Generator().manual_seed(s) for job in jobs for s in job.seeds]
@@ -85,7 +95,19 @@ def run_batch(engine, key: BatchKey, jobs: list[Job], output_type: str = "pil") 
         prompt=prompts, negative_prompt=negatives if key.cfg else None, generator=generators,
         num_inference_steps=key.steps, guidance_scale=key.guidance_scale,
         guidance_rescale=key.guidance_rescale, eta=key.eta, height=key.height, width=key.width,
-        output_type=output_type).images
+        clip_skip=key.clip_skip, output_type=output_type, callback=callback).images
+
+
+@dataclass
+class Progress:
+    """What the worker is doing, for A1111's GET /sdapi/v1/progress (read under the lock)."""
+
+    steps: int = 0  # of the running batch; 0 when idle
+    step: int = 0  # steps done
+    started: float = 0.0  # time.monotonic() when the running batch started
+    batch_no: int = 0  # batches started so far
+    interrupted: bool = False  # an interrupt since the running (or last) batch started
+    skipped: bool = False
 
 
 class Batcher:
@@ -103,6 +125,9 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._last_batch_s = 1.0
+        self._progress = Progress()
+        self._requests = 0  # admitted and not yet answered (A1111's job_count)
+        self._epoch = 0  # interrupts so far: a request admitted before one is cancelled
         self._thread = threading.Thread(target=self._work, name="lumen-batcher", daemon=True)
         self._thread.start()
 
@@ -120,9 +145,24 @@ class Batcher:
     def mean_batch_size(self) -> float:
         return self.images / self.batches if self.batches else 0.0
 
-    def submit(self, job: Job) -> concurrent.futures.Future:
-        """Queue a job; raises QueueFullError past max_queue waiting images or when stopping."""
+    @contextlib.contextmanager
+    def admitted(self):
+        """A request's time in the server; yields the interrupt epoch it arrived in."""
         with self._cond:
+            self._requests += 1
+            epoch = self._epoch
+        try:
+            yield epoch
+        finally:
+            with self._cond:
+                self._requests -= 1
+
+    def submit(self, job: Job, epoch: int | None = None) -> concurrent.futures.Future:
+        """Queue a job; raises QueueFullError past max_queue waiting images or when stopping, and
+        Interrupted when an interrupt came after its request's epoch."""
+        with self._cond:
+            if epoch is not None and epoch != self._epoch:
+                raise Interrupted("interrupted by POST /sdapi/v1/interrupt before its batch started")
             waiting = sum(j.n for j in self._queue)
             if self._stopping or waiting + job.n > self.max_queue:
                 batches_ahead = math.ceil((waiting + job.n) / self.max_batch)
@@ -131,6 +171,31 @@ class Batcher:
             self._queue.append(job)
             self._cond.notify_all()
         return job.future
+
+    def progress(self) -> tuple[Progress, int]:
+        """A copy of the running batch's progress, and the requests admitted and not answered."""
+        with self._cond:
+            return dataclasses.replace(self._progress), self._requests
+
+    def interrupt(self) -> int:
+        """Cancel every request admitted so far that has not started (each fails with
+        Interrupted); the running batch completes. Returns how many queued jobs it cancelled."""
+        with self._cond:
+            self._progress.interrupted = True
+            self._epoch += 1
+            cancelled = 0
+            for job in list(self._queue):
+                self._queue.remove(job)
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(Interrupted("interrupted by POST /sdapi/v1/interrupt "
+                                                         "before its batch started"))
+                    cancelled += 1
+            return cancelled
+
+    def skip(self) -> None:
+        """Marks the running batch skipped; it completes (a batch runs as one Engine.run)."""
+        with self._cond:
+            self._progress.skipped = True
 
     def call(self, fn) -> concurrent.futures.Future:
         """Run fn() on the worker thread, ahead of the next batch.
@@ -227,12 +292,26 @@ class Batcher:
                     job.future.set_exception(TimeoutError(
                         f"request waited {now - job.created:.1f} s; timeout_s={self.timeout_s}"))
 
+    def _on_step(self, i: int) -> None:
+        with self._cond:
+            self._progress.step = i + 1
+
     def _run(self, batch: list[Job]) -> None:
         if not batch:
             return
+        with self._cond:
+            self._progress = Progress(batch[0].key.steps, 0, time.monotonic(),
+                                      self._progress.batch_no + 1)
+        try:
+            self._run_batch(batch)
+        finally:
+            with self._cond:
+                self._progress.steps = self._progress.step = 0  # idle
+
+    def _run_batch(self, batch: list[Job]) -> None:
         start = time.perf_counter()
         try:
-            images = run_batch(self.engine, batch[0].key, batch, self.output_type)
+            images = run_batch(self.engine, batch[0].key, batch, self.output_type, self._on_step)
         except (ValueError, TypeError) as err:  # engine's InvalidInput/InvalidTypeError
             if len(batch) > 1:  # one request's input is at fault: serve each alone to tell which
                 for job in batch:

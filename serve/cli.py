@@ -42,6 +42,12 @@ def limits_from(args) -> dict:
                 max_body_bytes=args.max_body_bytes, api_key=args.api_key)
 
 
+def start_flags(args) -> dict:
+    """What A1111's /sdapi/v1/cmd-flags shows of this server's start-up (never a path or a key)."""
+    return {"backend": args.backend, "device": args.device, "host": args.host, "port": args.port,
+            "lora": len(args.lora or ())}
+
+
 def run_serve(args) -> int:
     if args.ray:
         return run_ray(args)
@@ -56,7 +62,8 @@ def run_serve(args) -> int:
     from .app import create_app, model_label
 
     eng = build(args.model, backend=args.backend, device=args.device, lora=args.lora)
-    app = create_app(eng, model_name=model_label(args.model), **limits_from(args))
+    app = create_app(eng, model_name=model_label(args.model), lora=args.lora,
+                     flags=start_flags(args), **limits_from(args))
     print(f"lumen serve: {model_label(args.model)} on {eng.device}, warming up, then "
           f"http://{args.host}:{args.port}", flush=True)
     # uvicorn drains on SIGTERM (stops accepting, finishes requests, lifespan shutdown drains the

@@ -8,7 +8,7 @@ from starlette.exceptions import HTTPException
 
 from lumen.engine import LumenError
 
-from .batcher import ModelError, QueueFullError
+from .batcher import Interrupted, ModelError, QueueFullError
 from .http import error_body
 from .schemas import InvalidRequest
 
@@ -20,6 +20,10 @@ OPENAI_FIELDS = {"height": "size", "width": "size"}
 
 class Disconnected(Exception):
     """The client went away before its images were ready."""
+
+
+class NotServed(Exception):
+    """An AUTOMATIC1111 endpoint for a feature this server does not have."""
 
 
 def engine_param(message: str, path: str) -> tuple[str | None, str]:
@@ -75,13 +79,25 @@ async def disconnected(request: Request, err: Disconnected):
 
 
 async def http_error(request: Request, err: HTTPException):
-    return JSONResponse(error_body(str(err.detail), "invalid_request_error"),
+    message = str(err.detail)
+    if err.status_code == 404 and message == "Not Found":  # no route: say which
+        message = f"{request.method} {request.url.path} is not an endpoint of this server"
+    return JSONResponse(error_body(message, "invalid_request_error"),
                         status_code=err.status_code, headers=err.headers)
+
+
+async def not_served(request: Request, err: NotServed):
+    return JSONResponse(error_body(str(err), "not_found_error"), status_code=404)
+
+
+async def interrupted(request: Request, err: Interrupted):
+    return JSONResponse(error_body(str(err), "interrupted"), status_code=409)
 
 
 HANDLERS = {RequestValidationError: invalid_body, InvalidRequest: invalid_request,
             LumenError: engine_error, QueueFullError: queue_full, TimeoutError: timed_out,
-            ModelError: model_failed, Disconnected: disconnected, HTTPException: http_error}
+            ModelError: model_failed, Disconnected: disconnected, HTTPException: http_error,
+            NotServed: not_served, Interrupted: interrupted}
 
 
 def install(app: FastAPI) -> None:

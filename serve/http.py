@@ -1,4 +1,6 @@
 """ASGI middleware of the server: metrics per request and the API key (FastAPI limits the body)."""
+import base64
+import binascii
 import hmac
 import json
 import time
@@ -6,9 +8,9 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 OPEN_PATHS = ("/health",)  # reachable without the API key
-ERROR_KINDS = {400: "bad_request", 401: "auth", 404: "not_found", 405: "method", 413: "too_large",
-               422: "invalid", 429: "queue_full", 499: "disconnected", 500: "internal",
-               503: "model", 504: "timeout"}
+ERROR_KINDS = {400: "bad_request", 401: "auth", 404: "not_found", 405: "method", 409: "interrupted",
+               413: "too_large", 422: "invalid", 429: "queue_full", 499: "disconnected",
+               500: "internal", 503: "model", 504: "timeout"}
 
 
 class Metrics:
@@ -81,17 +83,28 @@ class MetricsMiddleware:
 
 
 class AuthMiddleware:
-    """`Authorization: Bearer KEY` on every path but /health, compared in constant time."""
+    """The API key on every path but /health, compared in constant time: `Authorization: Bearer
+    KEY` (OpenAI clients), or HTTP Basic whose password is KEY (A1111 clients send --api-auth
+    credentials this way; the user name is not checked)."""
 
     def __init__(self, app, api_key: str):
         self.app, self.key = app, api_key.encode()
 
+    def authorized(self, header: bytes) -> bool:
+        scheme, _, token = header.partition(b" ")
+        scheme, token = scheme.lower(), token.strip()
+        if scheme == b"basic":
+            try:
+                token = base64.b64decode(token, validate=True).partition(b":")[2]
+            except (binascii.Error, ValueError):
+                return False
+        return scheme in (b"bearer", b"basic") and hmac.compare_digest(token, self.key)
+
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            header = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, token = header.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+            if not self.authorized(dict(scope["headers"]).get(b"authorization", b"")):
                 return await send_json(send, 401, error_body(
-                    "missing or wrong API key; expected the header 'Authorization: Bearer KEY'",
-                    "authentication_error"), {"www-authenticate": "Bearer"})
+                    "missing or wrong API key; expected the header 'Authorization: Bearer KEY' "
+                    "(or HTTP Basic auth with KEY as the password)", "authentication_error"),
+                    {"www-authenticate": "Bearer"})
         await self.app(scope, receive, send)

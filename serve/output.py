@@ -25,6 +25,8 @@ def infotext(prompt: str, negative_prompt: str, key: BatchKey, seed: int, model:
     }
     if key.eta:
         fields["Eta"] = key.eta
+    if key.clip_skip:
+        fields["Clip skip"] = key.clip_skip + 1  # A1111's CLIP_stop_at_last_layers
     if config.s_churn and config.sampler in ("euler", "heun"):
         fields.update({"Sigma churn": config.s_churn, "Sigma tmin": config.s_tmin,
                        "Sigma tmax": config.s_tmax, "Sigma noise": config.s_noise})

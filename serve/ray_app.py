@@ -59,11 +59,13 @@ class LumenDeployment:
         if threads is not None:
             torch.set_num_threads(threads)  # a CPU replica's share of the host's cores
         self.limits = Limits(**(limits or {}))
-        self.model_name = model_label(model)
+        self.model_name, self.lora = model_label(model), lora
+        self.flags = {"backend": backend, "device": device, "ray": True}
         self.engine = engine.build(model, backend=backend, device=device, lora=lora)
 
     def __serve_build_asgi_app__(self):
-        app = create_app(self.engine, model_name=self.model_name, **dataclasses.asdict(self.limits))
+        app = create_app(self.engine, model_name=self.model_name, lora=self.lora, flags=self.flags,
+                         **dataclasses.asdict(self.limits))
         app.add_middleware(ReplicaHeaderMiddleware, replica=serve.get_replica_context().replica_tag)
         return app  # Serve's wrapper keeps it as self.app
 

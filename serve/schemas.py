@@ -70,9 +70,10 @@ class OpenAIImageRequest(BaseModel):
 
 
 class A1111Txt2ImgRequest(BaseModel):
-    """POST /sdapi/v1/txt2img: AUTOMATIC1111's fields Lumen honours; other fields are ignored."""
+    """POST /sdapi/v1/txt2img: AUTOMATIC1111's fields Lumen honours; every other field is
+    accepted, changes nothing, and is named in the response's info ("ignored")."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = -1
@@ -91,6 +92,9 @@ class A1111Txt2ImgRequest(BaseModel):
     s_tmax: float | None = None
     s_noise: float | None = None
     guidance_rescale: float = 0.7  # Lumen's: A1111 has no CFG rescale
+    # sd_model_checkpoint (the served model, else refused) and CLIP_stop_at_last_layers are
+    # applied; other keys are ignored and reported.
+    override_settings: dict[str, Any] = Field(default_factory=dict)
     # Features Lumen lacks: their defaults are accepted, anything else is refused.
     enable_hr: bool = False
     restore_faces: bool | None = None
@@ -177,8 +181,31 @@ def a1111_order(req: A1111Txt2ImgRequest, base: SamplerConfig, max_pixels: int,
     # A1111 applies eta to DDIM (default 0) and ancestral samplers (default 1) only.
     eta = {"ddim": 0.0, "euler_ancestral": 1.0}.get(sampler)
     eta = 0.0 if eta is None else (eta if req.eta is None else req.eta)
-    key = BatchKey(req.height, req.width, req.steps, config, req.cfg_scale, req.guidance_rescale, eta)
+    key = BatchKey(req.height, req.width, req.steps, config, req.cfg_scale, req.guidance_rescale, eta,
+                   clip_skip_of(req.override_settings))
     return Order(key, (req.prompt,) * n, (req.negative_prompt,) * n, seeds_for(req.seed, n)), label
+
+
+HONOURED_OVERRIDES = ("sd_model_checkpoint", "CLIP_stop_at_last_layers")
+
+
+def ignored_fields(req: A1111Txt2ImgRequest) -> list[str]:
+    """The request's fields that change nothing here: for info's "ignored"."""
+    overrides = (f"override_settings.{k}" for k in req.override_settings
+                 if k not in HONOURED_OVERRIDES)
+    return sorted([*(req.model_extra or {}), *overrides])
+
+
+def clip_skip_of(overrides: dict) -> int | None:
+    """CLIP_stop_at_last_layers (1: the last layer) as the engine's clip_skip (layers skipped)."""
+    value = overrides.get("CLIP_stop_at_last_layers")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequest("override_settings.CLIP_stop_at_last_layers",
+                             f"override_settings.CLIP_stop_at_last_layers={value!r}; expected an "
+                             "integer >= 1 (1 uses the last layer)")
+    return value - 1 or None
 
 
 def a1111_spacing(scheduler: str | None, from_name: str | None, base: SamplerConfig) -> str:
