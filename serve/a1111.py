@@ -304,7 +304,8 @@ def progress(batcher) -> dict:
     eta = elapsed / done - elapsed if done else 0.0
     return {"progress": done, "eta_relative": eta,
             "state": {"skipped": state.skipped, "interrupted": state.interrupted,
-                      "stopping_generation": False, "job": f"batch {state.batch_no}" if state.steps else "",
+                      "stopping_generation": False,
+                      "job": f"batch {state.batch_no}" if state.steps else "",
                       "job_count": jobs, "job_timestamp": "0", "job_no": 0,
                       "sampling_step": state.step, "sampling_steps": state.steps},
             "current_image": None, "textinfo": None}

@@ -6,7 +6,9 @@ rescale and eta. Prompts, negative prompts and seeds may differ: every image dra
 from its own generator, so it equals the image of the same request served alone (up to the
 fp32 rounding of batch-size-dependent BLAS kernels). One worker thread per engine runs the
 batches one after another, and every other use of the engine (`call`); each request gets its
-images back through its own future, never by its position in a queue.
+images back through its own future, never by its position in a queue. For A1111's controls the
+batcher also keeps the running batch's progress (from Engine.run's step callback), counts the
+requests in flight, and cancels those that have not started on interrupt.
 """
 import collections
 import concurrent.futures
