@@ -1,9 +1,9 @@
 """The FastAPI app: OpenAI and AUTOMATIC1111 image endpoints over one engine and its batcher."""
 import asyncio
+import dataclasses
 import json
 import time
 from contextlib import asynccontextmanager
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,15 +149,16 @@ def add_image_routes(app: FastAPI, engine, model_name: str, limits: Limits) -> N
             request.app.state.checkpoint.check(body.override_settings["sd_model_checkpoint"],
                                                "override_settings.sd_model_checkpoint")
         order, label = a1111_order(body, engine.config, limits.max_pixels, limits.images_per_request)
+        interrupted = False
         try:
             images = await generate(request, engine, order, limits)
         except Interrupted:  # A1111 answers an interrupted job with what it has: nothing yet
-            images = []
+            images, interrupted = [], True
         texts = [infotext(p, n, order.key, s, model_name)
                  for p, n, s in zip(order.prompts, order.negative_prompts, order.seeds)]
         pngs = await anyio.to_thread.run_sync(encode, images, texts[:len(images)])
         info = a1111_info(body, order, label, texts, model_name)
-        info.update(interrupted=not images, ignored=ignored_fields(body))
+        info.update(interrupted=interrupted, ignored=ignored_fields(body))
         return {"images": pngs, "parameters": body.model_dump(), "info": json.dumps(info)}
 
 
@@ -230,5 +231,3 @@ def add_info_routes(app: FastAPI, model_name: str, metrics: Metrics) -> None:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "lumen"}]}
-
-
