@@ -44,6 +44,9 @@ class Interrupted(Exception):
     """POST /sdapi/v1/interrupt cancelled the request while it waited for its batch."""
 
 
+INTERRUPTED = "interrupted by POST /sdapi/v1/interrupt before its batch started"
+
+
 @dataclass(frozen=True)
 class BatchKey:
     """What shapes the loop: requests with equal keys can share one Engine.run."""
@@ -164,7 +167,7 @@ class Batcher:
         Interrupted when an interrupt came after its request's epoch."""
         with self._cond:
             if epoch is not None and epoch != self._epoch:
-                raise Interrupted("interrupted by POST /sdapi/v1/interrupt before its batch started")
+                raise Interrupted(INTERRUPTED)
             waiting = sum(j.n for j in self._queue)
             if self._stopping or waiting + job.n > self.max_queue:
                 batches_ahead = math.ceil((waiting + job.n) / self.max_batch)
@@ -179,20 +182,16 @@ class Batcher:
         with self._cond:
             return dataclasses.replace(self._progress), self._requests
 
-    def interrupt(self) -> int:
+    def interrupt(self) -> None:
         """Cancel every request admitted so far that has not started (each fails with
-        Interrupted); the running batch completes. Returns how many queued jobs it cancelled."""
+        Interrupted: queued jobs now, the others when they submit); the running batch completes."""
         with self._cond:
             self._progress.interrupted = True
             self._epoch += 1
-            cancelled = 0
-            for job in list(self._queue):
-                self._queue.remove(job)
+            while self._queue:
+                job = self._queue.popleft()
                 if job.future.set_running_or_notify_cancel():
-                    job.future.set_exception(Interrupted("interrupted by POST /sdapi/v1/interrupt "
-                                                         "before its batch started"))
-                    cancelled += 1
-            return cancelled
+                    job.future.set_exception(Interrupted(INTERRUPTED))
 
     def skip(self) -> None:
         """Marks the running batch skipped; it completes (a batch runs as one Engine.run)."""

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("engine", "kernels", "export", "serve", "benchmarks")  # installed as lumen.<name>
+from repo_layout import PACKAGES, REPO  # installed as lumen.<folder>
+
 SCANNED = (*PACKAGES, "lumen", "tests", "docs")  # folders whose .py and .md files are scanned
 SKIPPED_DIRS = {".venv", "__pycache__"}
 DOCS = sorted((REPO / "docs").glob("*.md"))

@@ -23,8 +23,8 @@ from lumen.export.cache import ArtifactCache, CacheWarning, key_of  # noqa: E402
 from lumen.export.cli import add_build_parser  # noqa: E402
 from lumen.export.onnx_export import ONNX_FILE, export_cached  # noqa: E402
 from lumen.export.trt_backend import Profile, TrtRunner  # noqa: E402
+from repo_layout import PACKAGES, REPO  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 # Three levels: two downsamplers, so latents must be multiples of 4 (the pitfall is testable).
 TINY = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
             block_out_channels=(32, 32, 64), norm_num_groups=8, cross_attention_dim=32,
@@ -337,7 +337,7 @@ def lumen_tree(site: Path) -> Path:
     (site / "lumen").mkdir(parents=True)
     for path in (REPO / "lumen").glob("*.py"):
         (site / "lumen" / path.name).symlink_to(path)
-    for name in ("engine", "kernels", "export", "serve", "benchmarks"):
+    for name in PACKAGES:
         (site / "lumen" / name).symlink_to(REPO / name, target_is_directory=True)
     return site
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("engine", "kernels", "export", "serve", "benchmarks")
+from repo_layout import PACKAGES, REPO  # installed as lumen.<folder>
+
 # Repository files under the packages that are not installed: the benchmarks' write-ups and
 # recorded results, and the GPU host's script, which runs from a checkout.
 NOT_INSTALLED = ("benchmarks/README.md", "benchmarks/RESULTS.md", "benchmarks/results/",
