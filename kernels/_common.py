@@ -24,6 +24,8 @@ MAX_SAMPLE_ELEMENTS = 2**30
 # Pointers to single values (dp.a[i], dp.coef[i], w, phi and their placeholders) are 16-byte
 # aligned only for some i: not specialising on their alignment keeps one compiled kernel per step.
 UNALIGNED_SCALARS = ("w_ptr", "phi_ptr", "a_ptr", "s_ptr", "coef_ptr")
+# Scalar operands are shared by the batch (stride 0) or per sample (the scheduler's slots, each
+# at its own step of its own plan): the kernels read sample b's value at ptr + b * stride.
 KERNEL_MODES = ("auto", "reference", "triton")
 
 
@@ -59,10 +61,35 @@ def check_tensor(name, t, dtypes, shape=None):
 
 
 def check_scalars(x, **scalars):
-    """Every named value is a 0-dim fp32 tensor ([3] for coef_i) on x's device."""
+    """Every named value is fp32 on x's device: all shared by the batch (0-dim, [3] for coef_i)
+    or all per sample ([B], [B, 3] for coef_i), as the first one given is."""
+    per_sample = None
     for name, t in scalars.items():
-        check_tensor(name, t, (torch.float32,), (3,) if name == "coef_i" else ())
+        if not isinstance(t, torch.Tensor):
+            check_tensor(name, t, (torch.float32,))
+        row = (3,) if name == "coef_i" else ()
+        if per_sample is None:
+            per_sample = t.ndim == len(row) + 1
+        shape = (x.shape[0], *row) if per_sample else row
+        if tuple(t.shape) not in (row, (x.shape[0], *row)):
+            raise InvalidInputError(f"{name}.shape={tuple(t.shape)}; expected {row} (shared) or "
+                                    f"{(x.shape[0], *row)} (per sample)")
+        check_tensor(name, t, (torch.float32,), shape)
         check_device(name, t, x)
+
+
+def per_sample(t: torch.Tensor, row: int = 0) -> torch.Tensor:
+    """A scalar operand shaped to broadcast over [B, C, H, W] in the torch references: as is
+    when shared; [B] -> [B, 1, 1, 1]; a [B, 3] coefficient row -> [3, B, 1, 1, 1] (so that
+    coef[k] is sample by sample what the shared row's coef[k] is)."""
+    if t.ndim == row:
+        return t
+    return t.view(-1, 1, 1, 1) if row == 0 else t.T.reshape(3, -1, 1, 1, 1)
+
+
+def sample_stride(t: torch.Tensor, row: int = 0) -> int:
+    """Elements between two samples' values of a scalar operand: 0 when the batch shares it."""
+    return t.stride(0) if t.ndim > row else 0
 
 
 def check_device(name, t, x):

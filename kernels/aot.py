@@ -92,14 +92,18 @@ def cuobjdump() -> str:
 
 def variants(full: bool = False):
     """(dtype, prediction, cfg, layout, step, size) combinations: each constexpr value once, or
-    with full=True also both SD sizes and every layout the engine produces."""
+    with full=True also both SD sizes and every layout the engine produces. Layout "per_sample"
+    is dense with per-sample scalars (the step scheduler's launches)."""
     layouts = ("dense", "channels_last", "mixed", "noise_view") if full else ("dense", "mixed")
     sizes = tuple(SHAPES) if full else ("sd15",)
-    return itertools.product(DTYPES, PREDICTIONS, (True, False), layouts, STEPS, sizes)
+    return itertools.product(DTYPES, PREDICTIONS, (True, False), layouts + ("per_sample",), STEPS,
+                             sizes)
 
 
 def launch_inputs(dtype, cfg: bool, layout: str, step: str, size: str, device, i: int = 1):
-    """_launch's arguments for one variant; i picks the plan row (alignment must not matter)."""
+    """_launch's arguments for one variant; i picks the plan row (alignment must not matter).
+
+    per_sample: sample b at row i + b, with its own w and phi."""
     from lumen.engine.config import SamplerConfig
     from lumen.engine.samplers import plan_ddim, step_schedule
 
@@ -115,8 +119,11 @@ def launch_inputs(dtype, cfg: bool, layout: str, step: str, size: str, device, i
     if layout == "channels_last":
         x, z = (v.contiguous(memory_format=torch.channels_last) for v in (x, z))
     w, phi = (torch.tensor(v, device=device) for v in (7.5, 0.7))
-    coef = None if step == "x0_eps" else dp.coef[i]
-    return m, x, z if step == "noise" else None, dp.a[i], dp.s[i], coef, w, phi
+    rows = slice(i, i + B) if layout == "per_sample" else i
+    if layout == "per_sample":
+        w, phi = (torch.full((B,), v, device=device) for v in (7.5, 0.7))
+    coef = None if step == "x0_eps" else dp.coef[rows]
+    return m, x, z if step == "noise" else None, dp.a[rows], dp.s[rows], coef, w, phi
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import torch
 
 from lumen.engine.guidance import guide
 
-from ._common import BLOCK, UNALIGNED_SCALARS, Walk, batch_index, tile_offsets, tile_sum
+from ._common import (BLOCK, UNALIGNED_SCALARS, Walk, batch_index, per_sample, sample_stride,
+                      tile_offsets, tile_sum)
 from ._triton import tl, triton
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +93,8 @@ def rescale_ratio(stats_ptr, b, P, N, CHUNK, P_POW2: tl.constexpr):
 @triton.jit(do_not_specialize_on_alignment=UNALIGNED_SCALARS[:1])
 def _cfg_stats_kernel(
     m_ptr,  # [2B, C, H, W] model output [neg, pos], model dtype
-    w_ptr,  # 0-dim fp32 guidance scale
+    w_ptr,  # 0-dim or [B] fp32 guidance scale
+    sw_b,  # per-sample stride of w (0: shared)
     stats_ptr,  # [B, P, 4] fp32 out: per chunk shifted mean and M2 of pos, then of cfg
     B, N, D2, D3,  # batch, elements per sample, walk sizes (see _common)
     sm_b, sm_1, sm_2, sm_3,  # m strides in walk order
@@ -103,7 +105,7 @@ def _cfg_stats_kernel(
 ):
     b = batch_index()
     p = tl.program_id(1)
-    w = tl.load(w_ptr)
+    w = tl.load(w_ptr + b * sw_b)
     # Moments of (v - v[first element of the sample]): a shift every chunk of the sample shares,
     # so chunk means are small and exact enough in fp32 even when |mean| >> std.
     neg0 = tl.load(m_ptr + b * sm_b).to(tl.float32)
@@ -135,7 +137,7 @@ def cfg_stats(m: torch.Tensor, guidance_scale: torch.Tensor, walk: Walk) -> torc
     """Launch 1 of guidance: [B, P, 4] per-chunk (mean, M2) of pos and cfg. Inputs pre-checked."""
     stats = torch.empty(walk.batch, walk.chunks, 4, dtype=torch.float32, device=m.device)
     _cfg_stats_kernel[walk.grid](
-        m, guidance_scale, stats, walk.batch, walk.n, walk.d2, walk.d3, *walk.strides(m),
+        m, guidance_scale, sample_stride(guidance_scale), stats, walk.batch, walk.n, walk.d2, walk.d3, *walk.strides(m),
         walk.chunks, ITERS=walk.iters, BLOCK=BLOCK, DENSE=walk.dense(m), enable_fp_fusion=False)
     return stats
 
@@ -148,4 +150,4 @@ def cfg_rescale_reference(m: torch.Tensor, guidance_scale: torch.Tensor,
                           guidance_rescale: torch.Tensor) -> torch.Tensor:
     """engine.guidance.guide on m = [neg, pos], in fp32 whatever m's dtype."""
     m_neg, m_pos = m.float().chunk(2)
-    return guide(m_neg, m_pos, guidance_scale, guidance_rescale)
+    return guide(m_neg, m_pos, per_sample(guidance_scale), per_sample(guidance_rescale))

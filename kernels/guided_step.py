@@ -19,7 +19,7 @@ import torch
 
 from lumen.engine.samplers import ddim_update as ddim_update_line
 
-from ._common import Walk, check_launchable, use_triton
+from ._common import Walk, check_launchable, per_sample, use_triton
 from .cfg_rescale import cfg_rescale_reference, cfg_stats
 from .sampler_update import check_step, launch_step, x0_eps_reference
 
@@ -81,7 +81,7 @@ def guided_step_reference(m, x, noise_i, a_t, s_t, coef_i, guidance_scale, guida
     """guided_x0_eps_reference then the DDIM update of engine.samplers.sample_ddim."""
     x0, eps = guided_x0_eps_reference(m, x, a_t, s_t, guidance_scale, guidance_rescale,
                                       prediction_type, cfg)
-    return ddim_update_line(x0, eps, noise_i, coef_i)
+    return ddim_update_line(x0, eps, noise_i, per_sample(coef_i, row=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +96,8 @@ def guided_step(m, x, noise_i, a_t, s_t, coef_i, guidance_scale, guidance_rescal
     [B, C, H, W] fp32 (noise_i may be the view noise[:, i], or None for a step without noise,
     which then is neither allocated nor read); a_t, s_t, guidance_scale,
     guidance_rescale: 0-dim fp32 tensors; coef_i: [3] fp32, the plan_ddim row. Returns fp32.
+    Per sample instead (each sample at its own step, with its own guidance): a_t, s_t,
+    guidance_scale, guidance_rescale [B] and coef_i [B, 3].
     """
     _check(m, x, noise_i, a_t, s_t, coef_i, guidance_scale, guidance_rescale, prediction_type, cfg)
     if use_triton(x):

@@ -15,7 +15,7 @@ from lumen.engine.samplers import ddim_update as ddim_update_line
 
 from ._common import (BLOCK, PREDICTION_CODES, UNALIGNED_SCALARS, Walk, batch_index, check_device,
                       check_launchable, check_model_output, check_prediction_type, check_scalars,
-                      check_tensor, tile_offsets)
+                      check_tensor, per_sample, sample_stride, tile_offsets)
 from ._triton import tl, triton
 from .cfg_rescale import guided_tile, load_pair, rescale_ratio
 
@@ -78,9 +78,10 @@ def _step_kernel(
     out_ptr,  # [B, C, H, W] fp32 out: x_p, or x0 when X0_EPS
     eps_ptr,  # [B, C, H, W] fp32 out: eps when X0_EPS (same strides as out)
     stats_ptr,  # [B, P, 4] fp32 from cfg_rescale._cfg_stats_kernel (CFG only)
-    w_ptr, phi_ptr,  # 0-dim fp32 guidance scale and rescale (CFG only)
-    a_ptr, s_ptr,  # 0-dim fp32 sqrt(abar_t), sqrt(1 - abar_t)
-    coef_ptr, coef_stride,  # [3] fp32 DDIM row (sqrt(abar_p), c_eps, sigma)
+    w_ptr, phi_ptr,  # 0-dim or [B] fp32 guidance scale and rescale (CFG only)
+    a_ptr, s_ptr,  # 0-dim or [B] fp32 sqrt(abar_t), sqrt(1 - abar_t)
+    coef_ptr, coef_stride,  # [3] or [B, 3] fp32 DDIM row (sqrt(abar_p), c_eps, sigma)
+    sw_b, sphi_b, sa_b, ss_b, scoef_b,  # per-sample strides of w, phi, a, s, coef (0: shared)
     B, N, D2, D3, P,  # batch, elements per sample, walk sizes, chunks per sample
     sm_b, sm_1, sm_2, sm_3,  # m strides in walk order
     sx_b, sx_1, sx_2, sx_3,  # x strides
@@ -96,9 +97,10 @@ def _step_kernel(
 ):
     b = batch_index()
     p = tl.program_id(1)
-    a, s, c0, c1, c2 = load_coefs(a_ptr, s_ptr, coef_ptr, coef_stride, X0_EPS)
+    a, s, c0, c1, c2 = load_coefs(a_ptr + b * sa_b, s_ptr + b * ss_b, coef_ptr + b * scoef_b,
+                                  coef_stride, X0_EPS)
     if CFG:
-        w, phi = tl.load(w_ptr), tl.load(phi_ptr)
+        w, phi = tl.load(w_ptr + b * sw_b), tl.load(phi_ptr + b * sphi_b)
         ratio = rescale_ratio(stats_ptr, b, P, N, ITERS * BLOCK, P_POW2)
     for it in range(ITERS):
         j = (p * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
@@ -139,7 +141,7 @@ def step_operands(x, noise_i, a_t, coef_i, walk: Walk):
     out = walk.empty(x)
     if coef_i is None:
         return out, walk.empty(x), x, a_t, 0
-    return out, out, x if noise_i is None else noise_i, coef_i, coef_i.stride(0)
+    return out, out, x if noise_i is None else noise_i, coef_i, coef_i.stride(-1)
 
 
 def ddim_update(m, x, noise_i, a_t, s_t, coef_i, prediction_type: str) -> torch.Tensor:
@@ -165,6 +167,8 @@ def launch_step(m, x, noise_i, a_t, s_t, coef_i, prediction_type, walk: Walk, gu
     stats, w, phi = guidance if guidance is not None else (x, a_t, a_t)  # placeholders, never read
     _step_kernel[walk.grid](
         m, x, z, out, eps, stats, w, phi, a_t, s_t, coef, coef_stride,
+        sample_stride(w), sample_stride(phi), sample_stride(a_t), sample_stride(s_t),
+        0 if coef_i is None else sample_stride(coef_i, row=1),
         walk.batch, walk.n, walk.d2, walk.d3, walk.chunks,
         *walk.strides(m), *walk.strides(x), *walk.strides(z), *walk.strides(out),
         ITERS=walk.iters, BLOCK=BLOCK, P_POW2=walk.chunks_pow2,
@@ -179,10 +183,11 @@ def launch_step(m, x, noise_i, a_t, s_t, coef_i, prediction_type, walk: Walk, gu
 
 
 def x0_eps_reference(m, x, a_t, s_t, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """engine.prediction.to_x0_eps in fp32 whatever m's dtype."""
-    return to_x0_eps(m.float(), x, a_t, s_t, prediction_type)
+    """engine.prediction.to_x0_eps in fp32 whatever m's dtype (a_t, s_t shared or [B])."""
+    return to_x0_eps(m.float(), x, per_sample(a_t), per_sample(s_t), prediction_type)
 
 
 def ddim_update_reference(m, x, noise_i, a_t, s_t, coef_i, prediction_type: str) -> torch.Tensor:
-    """to_x0_eps then the DDIM update, in fp32."""
-    return ddim_update_line(*x0_eps_reference(m, x, a_t, s_t, prediction_type), noise_i, coef_i)
+    """to_x0_eps then the DDIM update, in fp32 (coef_i [3] shared or [B, 3])."""
+    return ddim_update_line(*x0_eps_reference(m, x, a_t, s_t, prediction_type), noise_i,
+                            per_sample(coef_i, row=1))

@@ -402,3 +402,50 @@ def test_samples_too_large_to_address_are_refused():
     x = torch.zeros(()).expand(1, 1, 2**15, 2**15 + 1)  # 2^30 + 2^15 elements, no memory
     with pytest.raises(InvalidInputError, match=r"x.shape=\(1, 1, 32768, 32769\).*at most"):
         _common.Walk(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sample scalars (the step scheduler: every sample at its own step, with its own guidance)
+
+
+def per_sample_scalars(B, eta=1.0):
+    """Sample b at step 2b+1 of its own plan (alternating 10 and 7 steps), w and phi its own."""
+    plans = [ddim_plan(10 if b % 2 == 0 else 7, eta) for b in range(B)]
+    rows = [step_scalars(p, (2 * b + 1) % p.plan.num_steps, w=2.0 + b, phi=0.25 * (b % 4))
+            for b, p in enumerate(plans)]
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}, rows
+
+
+@pytest.mark.parametrize("cfg", [True, False])
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+def test_per_sample_scalars_match_each_sample_run_alone(prediction_type, cfg):
+    """Per-sample a, s, coef, w and phi: kernel == reference, and sample b equals the shared-scalar
+    step of sample b alone (bit for bit in the reference, 1e-5 in the kernel's std merge)."""
+    shape = SHAPES[4]
+    m, x, z = step_inputs(shape, torch.float16, cfg, seed=21)
+    batched, rows = per_sample_scalars(shape[0])
+    args = (m, x, z, *batched.values(), prediction_type, cfg)
+    out, ref = run_both(kernels.guided_step_triton, kernels.guided_step_reference, *args)
+    torch.testing.assert_close(out, ref, **TOL)
+    x0, x0_ref = run_both(kernels.guided_x0_eps_triton, kernels.guided_x0_eps_reference, m, x,
+                          batched["a_t"], batched["s_t"], batched["guidance_scale"],
+                          batched["guidance_rescale"], prediction_type, cfg)
+    torch.testing.assert_close(x0, x0_ref, **TOL)
+    for b, row in enumerate(rows):
+        m_b = torch.stack([m[b], m[shape[0] + b]]) if cfg else m[b:b + 1]
+        alone = kernels.guided_step_reference(m_b, x[b:b + 1], z[b:b + 1], *row.values(),
+                                              prediction_type, cfg)
+        assert torch.equal(ref[b:b + 1], alone)
+        torch.testing.assert_close(out[b:b + 1], alone, **TOL)
+
+
+def test_per_sample_scalars_must_all_be_per_sample():
+    m, x, z = step_inputs((2, 3, 5, 7), torch.float32, cfg=True)
+    batched, _ = per_sample_scalars(2)
+    mixed = {**batched, "s_t": batched["s_t"][0]}
+    with pytest.raises(InvalidInputError, match=r"s_t.shape=\(\); expected \(2,\)"):
+        kernels.guided_step(m, x, z, *mixed.values(), "v_prediction", True)
+    with pytest.raises(InvalidInputError, match=r"coef_i.shape=\(3, 3\); expected \(3,\) \(shared\) "
+                                                r"or \(2, 3\) \(per sample\)"):
+        kernels.guided_step(m, x, z, *{**batched, "coef_i": torch.zeros(3, 3)}.values(),
+                            "v_prediction", True)

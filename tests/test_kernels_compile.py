@@ -40,20 +40,30 @@ def test_every_variant_compiles_for_sm90_without_spills(records):
     assert all(r["n_spills"] == 0 and 0 < r["n_regs"] <= 255 for r in records)
 
 
+def per_sample(record, name) -> bool:
+    """Scalars read per sample: Triton specialises the stride 1 of a [B] operand as a constant."""
+    return record["specialized"].get(name) == 1
+
+
 def test_every_constexpr_combination_is_compiled_once(records):
-    """One kernel per combination: scalar pointers at other alignments add no second copy."""
+    """One kernel per combination: scalar pointers at other alignments add no second copy.
+
+    Shared scalars (stride 0) and per-sample ones (the step scheduler's, stride 1) are two
+    specialisations of the same kernel; the per-sample set is compiled for dense tensors."""
     steps = by_kernel(records, "_step_kernel")
     got = sorted((r["pointers"]["m_ptr"], r["variant"]["PRED"], r["variant"]["CFG"],
-                  r["variant"]["DENSE"], r["variant"]["X0_EPS"], r["variant"]["NOISE"])
-                 for r in steps)
+                  r["variant"]["DENSE"], r["variant"]["X0_EPS"], r["variant"]["NOISE"],
+                  per_sample(r, "sa_b")) for r in steps)
     modes = [(True, False), (False, False), (False, True)]  # (x0, eps); x_p; x_p with noise
-    want = sorted((dtype, pred, cfg, dense, x0_eps, noise)
-                  for dtype, pred, cfg, dense, (x0_eps, noise) in itertools.product(
-                      ("*fp32", "*fp16", "*bf16"), (0, 1, 2), (True, False), (True, False), modes))
+    scalars = [(True, False), (False, False), (True, True)]  # (DENSE, per sample)
+    want = sorted((dtype, pred, cfg, dense, x0_eps, noise, per)
+                  for dtype, pred, cfg, (dense, per), (x0_eps, noise) in itertools.product(
+                      ("*fp32", "*fp16", "*bf16"), (0, 1, 2), (True, False), scalars, modes))
     assert got == want
     stats = by_kernel(records, "_cfg_stats_kernel")
-    assert sorted((r["pointers"]["m_ptr"], r["variant"]["DENSE"]) for r in stats) == sorted(
-        itertools.product(("*fp32", "*fp16", "*bf16"), (True, False)))
+    assert sorted((r["pointers"]["m_ptr"], r["variant"]["DENSE"], per_sample(r, "sw_b"))
+                  for r in stats) == sorted((dtype, *s) for dtype, s in itertools.product(
+                      ("*fp32", "*fp16", "*bf16"), scalars))
 
 
 def test_batch_offsets_are_int64(records):
