@@ -117,6 +117,8 @@ def unet_runner(unet, backend: str, device, dtype, options: dict, compile_mode: 
 class TorchRunner:
     """The UNet module in PyTorch, optionally through torch.compile (compiled on first call)."""
 
+    per_row_timesteps = True  # takes a [rows] timestep vector (engine.slots), not only one value
+
     def __init__(self, unet: torch.nn.Module, compile_mode: str | None = None):
         self.unet, self.compile_mode = unet, compile_mode
         self.module = unet

@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict
 
 from .errors import NotServed
+from .output import png_base64
 from .schemas import A1111_SAMPLERS, A1111_SCHEDULERS, InvalidRequest
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -297,18 +298,21 @@ def unserved(path: str, feature: str):
 
 
 def progress(batcher) -> dict:
-    """GET /sdapi/v1/progress from the batcher: the running batch's step, the jobs in line."""
+    """GET /sdapi/v1/progress from the scheduler: the oldest running request's step, the
+    requests in the server, and its preview (a base64 PNG of the x0 estimate) with --preview-every."""
     state, jobs = batcher.progress()
     done = state.step / state.steps if state.steps else 0.0
     elapsed = time.monotonic() - state.started if state.steps else 0.0
     eta = elapsed / done - elapsed if done else 0.0
+    preview = None if state.preview is None else png_base64(
+        state.preview, f"x0 estimate at step {state.step} of {state.steps}")
     return {"progress": done, "eta_relative": eta,
             "state": {"skipped": state.skipped, "interrupted": state.interrupted,
                       "stopping_generation": False,
-                      "job": f"batch {state.batch_no}" if state.steps else "",
+                      "job": f"job {state.job_no}" if state.steps else "",
                       "job_count": jobs, "job_timestamp": "0", "job_no": 0,
                       "sampling_step": state.step, "sampling_steps": state.steps},
-            "current_image": None, "textinfo": None}
+            "current_image": preview, "textinfo": None}
 
 
 def cmd_flags(**flags) -> dict:

@@ -8,17 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from lumen.engine import InvalidInputError, LumenError
+from lumen.engine import InvalidInputError, LumenError, slots
 
 from . import errors
 from .a1111 import (UNSERVED, Checkpoint, add_a1111_routes, cmd_flags, lora_items, vae_items,
                     weights_sha256)
-from .batcher import Batcher, BatchKey, Interrupted, Job, ModelError, run_batch
+from .batcher import POLICIES, Batcher, BatchKey, Interrupted, Job, ModelError, prepare
 from .http import AuthMiddleware, Metrics, MetricsMiddleware
 from .output import encode, infotext
 from .schemas import (A1111Txt2ImgRequest, InvalidRequest, OpenAIImageRequest, Order, a1111_order,
@@ -38,8 +37,10 @@ ENDPOINTS = (OPENAI_IMAGES, A1111_TXT2IMG, "/v1/models", *(f"/sdapi/v1/{n}" for 
 class Limits:
     """What one server accepts; see `lumen serve --help`."""
 
-    max_batch: int = 8  # images per Engine.run
-    batch_wait_ms: float = 10.0  # how long the oldest request waits for company
+    max_batch: int = 8  # images in the running batch (rows of one UNet call: twice that with CFG)
+    batch_wait_ms: float = 10.0  # how long the oldest request waits for company on an idle server
+    batching: str = "step"  # "step": join at step boundaries; "request": whole-request batches
+    preview_every: int = 0  # decode the progress preview every N steps (0: never)
     max_queue: int = 64  # images waiting; past it, 429
     timeout_s: float = 300.0  # request age past which it gets 504
     max_pixels: int = 1024 * 1024  # width x height of one image
@@ -55,6 +56,13 @@ class Limits:
         if self.max_images is not None and not 1 <= self.max_images <= self.max_batch:
             raise InvalidInputError(f"max_images={self.max_images}; expected 1 to max_batch="
                                     f"{self.max_batch} (a request never spans two batches)")
+        if self.batching not in POLICIES:
+            raise InvalidInputError(f"batching={self.batching!r}; expected one of "
+                                    f"{', '.join(POLICIES)}")
+        if isinstance(self.preview_every, bool) or not isinstance(self.preview_every, int) \
+                or self.preview_every < 0:
+            raise InvalidInputError(f"preview_every={self.preview_every!r}; expected an integer "
+                                    ">= 0 (0: no previews)")
         if not (self.batch_wait_ms >= 0 and self.timeout_s > 0):
             raise InvalidInputError(f"batch_wait_ms={self.batch_wait_ms}, timeout_s={self.timeout_s}; "
                                     "expected batch_wait_ms >= 0 and timeout_s > 0")
@@ -80,10 +88,13 @@ def default_size(engine) -> tuple[int, int]:
 
 
 def warm_up(engine) -> None:
-    """One small batch through the whole path (text encoder, loop, decode) before serving."""
+    """One small request through the serving path (text encoder, steps, decode) before serving."""
     width, height = default_size(engine)
     key = BatchKey(height, width, 2, engine.config, 7.5, 0.7, 0.0)
-    run_batch(engine, key, [Job(key, ("",), ("",), (0,))])
+    running = slots.split(engine, prepare(engine, Job(key, ("",), ("",), (0,))))
+    while not running[0].done:
+        slots.tick(engine, running)
+    slots.finish(engine, running, "pil")
 
 
 def create_app(engine, model_name: str = "lumen", warmup: bool = True, lora=None,
@@ -98,7 +109,8 @@ def create_app(engine, model_name: str = "lumen", warmup: bool = True, lora=None
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher = Batcher(engine, limits.max_batch, limits.batch_wait_ms, limits.max_queue,
-                          limits.timeout_s, on_batch=metrics.on_batch)
+                          limits.timeout_s, on_batch=metrics.on_batch, policy=limits.batching,
+                          preview_every=limits.preview_every, on_admit=metrics.queue_wait.observe)
         metrics.queue.set_function(lambda: batcher.waiting_images)
         app.state.batcher = batcher
         try:
@@ -136,7 +148,10 @@ def add_image_routes(app: FastAPI, engine, model_name: str, limits: Limits) -> N
             raise InvalidRequest("model", f"model={body.model!r}; this server serves only "
                                           f"{model_name!r}")
         order = openai_order(body, engine.config, size, limits.max_pixels, limits.images_per_request)
-        images = await generate(request, engine, order, limits)
+        images, stopped = await generate(request, engine, order, limits)
+        if stopped:  # the images API has no way to flag a partial image: refuse it
+            raise Interrupted(f"{stopped} by POST /sdapi/v1/{stopped.removesuffix('ed')} at a "
+                              "step boundary")
         texts = [infotext(p, n, order.key, s, model_name)
                  for p, n, s in zip(order.prompts, order.negative_prompts, order.seeds)]
         pngs = await anyio.to_thread.run_sync(encode, images, texts)
@@ -149,16 +164,16 @@ def add_image_routes(app: FastAPI, engine, model_name: str, limits: Limits) -> N
             request.app.state.checkpoint.check(body.override_settings["sd_model_checkpoint"],
                                                "override_settings.sd_model_checkpoint")
         order, label = a1111_order(body, engine.config, limits.max_pixels, limits.images_per_request)
-        interrupted = False
-        try:
-            images = await generate(request, engine, order, limits)
-        except Interrupted:  # A1111 answers an interrupted job with what it has: nothing yet
-            images, interrupted = [], True
+        try:  # A1111 answers an interrupted or skipped job with its current x0 estimates
+            images, stopped = await generate(request, engine, order, limits)
+        except Interrupted:  # before its first step: nothing yet
+            images, stopped = [], "interrupted"
         texts = [infotext(p, n, order.key, s, model_name)
                  for p, n, s in zip(order.prompts, order.negative_prompts, order.seeds)]
         pngs = await anyio.to_thread.run_sync(encode, images, texts[:len(images)])
         info = a1111_info(body, order, label, texts, model_name)
-        info.update(interrupted=interrupted, ignored=ignored_fields(body))
+        info.update(interrupted=stopped == "interrupted", skipped=stopped == "skipped",
+                    ignored=ignored_fields(body))
         return {"images": pngs, "parameters": body.model_dump(), "info": json.dumps(info)}
 
 
@@ -176,14 +191,17 @@ def a1111_info(body: A1111Txt2ImgRequest, order: Order, label: str, texts: list[
             "infotexts": texts, "index_of_first_image": 0, "timestep_spacing": key.config.timestep_spacing}
 
 
-async def generate(request: Request, engine, order: Order, limits: Limits) -> list:
-    """Check the order with the engine, queue it, wait for its images (or time out, or drop it)."""
+async def generate(request: Request, engine, order: Order, limits: Limits) -> tuple[list, str | None]:
+    """Check the order with the engine, queue it, wait for its images (or time out, or drop it).
+
+    Returns the images and how the job ended early ("interrupted", "skipped") or None."""
     request.state.images = len(order.seeds)
     batcher: Batcher = request.app.state.batcher
     with batcher.admitted() as epoch:
-        await asyncio.wrap_future(batcher.call(lambda: check_with_engine(engine, order)))
         job = Job(order.key, order.prompts, order.negative_prompts, order.seeds)
-        return await wait_for(request, job, asyncio.wrap_future(batcher.submit(job, epoch)), limits)
+        job.request = await asyncio.wrap_future(batcher.call(lambda: check_with_engine(engine, job)))
+        images = await wait_for(request, job, asyncio.wrap_future(batcher.submit(job, epoch)), limits)
+        return images, job.stopped
 
 
 async def wait_for(request: Request, job: Job, future, limits: Limits) -> list:
@@ -202,15 +220,11 @@ async def wait_for(request: Request, job: Job, future, limits: Limits) -> list:
             raise errors.Disconnected("client disconnected before its images were ready")
 
 
-def check_with_engine(engine, order: Order) -> None:
-    """The engine's own checks of the request (values, prompts), before any UNet call."""
-    key = order.key
+def check_with_engine(engine, job: Job) -> dict:
+    """The engine's own checks of the request (values, prompts), before any UNet call; returns
+    the prepared inputs (text rows, plan, noise), so the job joins without encoding again."""
     try:
-        engine.with_config(key.config).prepare(
-            prompt=list(order.prompts), negative_prompt=list(order.negative_prompts) if key.cfg else None,
-            num_inference_steps=key.steps, guidance_scale=key.guidance_scale,
-            guidance_rescale=key.guidance_rescale, eta=key.eta, height=key.height, width=key.width,
-            generator=[torch.Generator() for _ in order.seeds], clip_skip=key.clip_skip)
+        return prepare(engine, job)
     except LumenError:
         raise
     except (RuntimeError, MemoryError) as err:

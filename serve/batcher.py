@@ -1,14 +1,19 @@
-"""Dynamic batching: compatible requests that arrive within a short wait run as one Engine.run.
+"""The step scheduler: requests join and leave the running batch at step boundaries.
 
-Requests are compatible when they agree on everything that shapes the sampling loop (BatchKey):
-image size, steps, the SamplerConfig (sampler, spacing, churn), guidance scale (so CFG on/off),
-rescale and eta. Prompts, negative prompts and seeds may differ: every image draws its noise
-from its own generator, so it equals the image of the same request served alone (up to the
-fp32 rounding of batch-size-dependent BLAS kernels). One worker thread per engine runs the
-batches one after another, and every other use of the engine (`call`); each request gets its
-images back through its own future, never by its position in a queue. For A1111's controls the
-batcher also keeps the running batch's progress (from Engine.run's step callback), counts the
-requests in flight, and cancels those that have not started on interrupt.
+One worker thread per engine keeps a running set of slots (engine.slots), up to max_batch
+images, and advances all of them by one model evaluation per tick, whatever their prompt, seed,
+steps, sampler, guidance, rescale, eta or CFG. Between ticks finished images leave (decoded, and
+their request answered once all its images are done) and waiting requests join in arrival
+order: the oldest waiting request joins as soon as its images fit, and nothing behind it jumps
+ahead, so none starves. Every image equals the same request run alone through Engine.run (up to
+the rounding of batch-size-dependent BLAS kernels): each slot keeps its own plan, noise and
+sampler state.
+
+Admission policies: "step" (the above) and "request" (whole-request batching: requests join only
+an empty running set, together with the waiting requests whose BatchKey equals the oldest's).
+Progress, interrupt, skip, disconnects and non-finite latents take effect only at step
+boundaries, on the host, so nothing reaches into a step. Every other use of the engine runs on
+the same thread (`call`), between ticks.
 """
 import collections
 import concurrent.futures
@@ -21,7 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lumen.engine import SamplerConfig
+from lumen.engine import LumenError, SamplerConfig, slots
+
+POLICIES = ("step", "request")
 
 
 class QueueFullError(Exception):
@@ -33,23 +40,24 @@ class QueueFullError(Exception):
 
 
 class ModelError(Exception):
-    """The model failed on a batch (out of memory, a runtime error); the server keeps serving."""
+    """The model failed on a step (out of memory, a runtime error, non-finite latents); the
+    server keeps serving."""
 
 
 class DroppedError(Exception):
-    """The request left before its batch started (client gone or server stopping)."""
+    """The request left before it was answered (client gone or server stopping)."""
 
 
 class Interrupted(Exception):
-    """POST /sdapi/v1/interrupt cancelled the request while it waited for its batch."""
+    """POST /sdapi/v1/interrupt cancelled the request before its first step."""
 
 
-INTERRUPTED = "interrupted by POST /sdapi/v1/interrupt before its batch started"
+INTERRUPTED = "interrupted by POST /sdapi/v1/interrupt before its first step"
 
 
 @dataclass(frozen=True)
 class BatchKey:
-    """What shapes the loop: requests with equal keys can share one Engine.run."""
+    """What shapes one request's loop; "request" batching puts only equal keys together."""
 
     height: int
     width: int
@@ -67,14 +75,25 @@ class BatchKey:
 
 @dataclass(eq=False)
 class Job:
-    """One request: its images' prompts and seeds, and the future its images come back on."""
+    """One request: its images' prompts and seeds, and the future its images come back on.
+
+    request: Engine.prepare's result when the server already checked the job (else the
+    scheduler prepares it when it joins). stopped: "interrupted" or "skipped" when the job was
+    answered with its current x0 estimates instead of finished images.
+    """
 
     key: BatchKey
     prompts: tuple[str, ...]  # one per image
     negative_prompts: tuple[str, ...]  # one per image
     seeds: tuple[int, ...]  # one per image
+    request: dict | None = None
     created: float = field(default_factory=time.monotonic)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    dropped: bool = False  # the client left: free the slots at the next step boundary
+    stopped: str | None = None
+    started: float | None = None  # time.monotonic() of its first step
+    joined: int | None = None  # the scheduler's tick count when it joined
+    parts: list = field(default_factory=list)  # its slots, once it joined
 
     def __post_init__(self):
         assert len(self.prompts) == len(self.negative_prompts) == len(self.seeds) > 0
@@ -84,56 +103,68 @@ class Job:
         return len(self.seeds)
 
     def cancel(self) -> None:
-        """Drop the job unless its batch already started (then its result is discarded)."""
+        """Drop the job: now if it waits, at the next step boundary if it runs."""
+        self.dropped = True
         self.future.cancel()
 
+    def generators(self) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(s) for s in self.seeds]
 
-def run_batch(engine, key: BatchKey, jobs: list[Job], output_type: str = "pil",
-              callback=None) -> list:
-    """One Engine.run for all the jobs' images, in job order; image i uses seed i's generator.
 
-    callback(i), if given, is Engine.run's: called on the host after step i."""
-    prompts = [p for job in jobs for p in job.prompts]
-    negatives = [p for job in jobs for p in job.negative_prompts]
-    generators = [torch.Generator().manual_seed(s) for job in jobs for s in job.seeds]
-    return engine.with_config(key.config).run(
-        prompt=prompts, negative_prompt=negatives if key.cfg else None, generator=generators,
+def prepare(engine, job: Job) -> dict:
+    """Engine.prepare of the job's images: text rows, plan, noise (image i: seed i's generator)."""
+    key = job.key
+    return engine.with_config(key.config).prepare(
+        prompt=list(job.prompts), negative_prompt=list(job.negative_prompts) if key.cfg else None,
         num_inference_steps=key.steps, guidance_scale=key.guidance_scale,
-        guidance_rescale=key.guidance_rescale, eta=key.eta, height=key.height, width=key.width,
-        clip_skip=key.clip_skip, output_type=output_type, callback=callback).images
+        guidance_rescale=key.guidance_rescale, eta=key.eta, generator=job.generators(),
+        height=key.height, width=key.width, clip_skip=key.clip_skip)
 
 
 @dataclass
 class Progress:
-    """What the worker is doing, for A1111's GET /sdapi/v1/progress (read under the lock)."""
+    """What the worker is doing, for A1111's GET /sdapi/v1/progress (a copy, read under the lock).
 
-    steps: int = 0  # of the running batch; 0 when idle
-    step: int = 0  # steps done
-    started: float = 0.0  # time.monotonic() when the running batch started
-    batch_no: int = 0  # batches started so far
-    interrupted: bool = False  # an interrupt since the running (or last) batch started
+    step/steps: the oldest running request's; preview: its first image's current x0 estimate
+    (decoded, with --preview-every), else None."""
+
+    steps: int = 0  # 0 when idle
+    step: int = 0
+    started: float = 0.0  # time.monotonic() of that request's first step
+    job_no: int = 0  # requests started so far
+    interrupted: bool = False  # an interrupt since the oldest running request started
     skipped: bool = False
+    preview: object = None
 
 
 class Batcher:
-    """A queue of jobs and the one thread that runs them in batches of up to max_batch images."""
+    """The queue, the running slots and the one thread that steps them (see the module doc)."""
 
     def __init__(self, engine, max_batch: int = 8, batch_wait_ms: float = 10.0, max_queue: int = 64,
-                 timeout_s: float = 300.0, on_batch=None, output_type: str = "pil"):
+                 timeout_s: float = 300.0, on_batch=None, output_type: str = "pil",
+                 policy: str = "step", preview_every: int = 0, on_admit=None):
+        if policy not in POLICIES:
+            raise ValueError(f"batching={policy!r}; expected one of {', '.join(POLICIES)}")
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
         self.output_type = output_type  # Engine.run's: PIL images, or "pt"/"np"/"latent" arrays
-        self.batch_wait, self.timeout_s = batch_wait_ms / 1000, timeout_s
-        self.on_batch = on_batch  # on_batch(images, seconds) after each batch, for metrics
-        self.batches = self.images = 0
+        self.batch_wait, self.timeout_s, self.policy = batch_wait_ms / 1000, timeout_s, policy
+        self.preview_every = preview_every  # decode a preview every N steps (0: never)
+        self.on_batch = on_batch  # on_batch(images, seconds) after each UNet call, for metrics
+        self.on_admit = on_admit  # on_admit(seconds from arrival to first step)
+        self.batches = self.images = 0  # UNet calls, and images summed over them
+        self.ticks = 0  # step boundaries passed
         self._queue: collections.deque[Job] = collections.deque()
-        self._calls: collections.deque = collections.deque()  # (fn, future), run before batches
+        self._running: list[slots.Slot] = []
+        self._calls: collections.deque = collections.deque()  # (fn, future), run between ticks
         self._cond = threading.Condition()
         self._stopping = False
-        self._last_batch_s = 1.0
+        self._stop_running: str | None = None  # "interrupted" / "skipped" at the next boundary
+        self._last_job_s = 1.0
         self._progress = Progress()
+        self._oldest: Job | None = None  # the request self._progress describes
         self._requests = 0  # admitted and not yet answered (A1111's job_count)
         self._epoch = 0  # interrupts so far: a request admitted before one is cancelled
-        self._thread = threading.Thread(target=self._work, name="lumen-batcher", daemon=True)
+        self._thread = threading.Thread(target=self._work, name="lumen-scheduler", daemon=True)
         self._thread.start()
 
     @property
@@ -142,12 +173,18 @@ class Batcher:
             return sum(job.n for job in self._queue)
 
     @property
+    def running_images(self) -> int:
+        with self._cond:
+            return len(self._running)
+
+    @property
     def alive(self) -> bool:
         """The worker thread runs (it ends only after stop())."""
         return self._thread.is_alive()
 
     @property
     def mean_batch_size(self) -> float:
+        """Images per UNet call."""
         return self.images / self.batches if self.batches else 0.0
 
     @contextlib.contextmanager
@@ -165,41 +202,49 @@ class Batcher:
     def submit(self, job: Job, epoch: int | None = None) -> concurrent.futures.Future:
         """Queue a job; raises QueueFullError past max_queue waiting images or when stopping, and
         Interrupted when an interrupt came after its request's epoch."""
+        if job.n > self.max_batch:
+            raise ValueError(f"a request of {job.n} images; max_batch={self.max_batch}")
         with self._cond:
             if epoch is not None and epoch != self._epoch:
                 raise Interrupted(INTERRUPTED)
             waiting = sum(j.n for j in self._queue)
             if self._stopping or waiting + job.n > self.max_queue:
-                batches_ahead = math.ceil((waiting + job.n) / self.max_batch)
+                ahead = math.ceil((waiting + job.n) / self.max_batch)
                 raise QueueFullError(f"{waiting} images are waiting (max_queue={self.max_queue})",
-                                     max(1, math.ceil(batches_ahead * self._last_batch_s)))
+                                     max(1, math.ceil(ahead * self._last_job_s)))
             self._queue.append(job)
             self._cond.notify_all()
         return job.future
 
     def progress(self) -> tuple[Progress, int]:
-        """A copy of the running batch's progress, and the requests admitted and not answered."""
+        """A copy of the oldest running request's progress, and the requests not yet answered."""
         with self._cond:
             return dataclasses.replace(self._progress), self._requests
 
     def interrupt(self) -> None:
-        """Cancel every request admitted so far that has not started (each fails with
-        Interrupted: queued jobs now, the others when they submit); the running batch completes."""
+        """Stop every request admitted so far: waiting ones fail with Interrupted (now, or when
+        they submit), running ones are answered with their current x0 estimates at the next
+        step boundary."""
         with self._cond:
-            self._progress.interrupted = True
             self._epoch += 1
+            stopped = bool(self._queue or self._running or self._requests)
             while self._queue:
                 job = self._queue.popleft()
                 if job.future.set_running_or_notify_cancel():
                     job.future.set_exception(Interrupted(INTERRUPTED))
+            if self._running:
+                self._stop_running = "interrupted"
+            self._progress.interrupted |= stopped
 
     def skip(self) -> None:
-        """Marks the running batch skipped; it completes (a batch runs as one Engine.run)."""
+        """Answer the running requests with their current x0 estimates at the next boundary."""
         with self._cond:
-            self._progress.skipped = True
+            if self._running:
+                self._progress.skipped = True
+                self._stop_running = self._stop_running or "skipped"
 
     def call(self, fn) -> concurrent.futures.Future:
-        """Run fn() on the worker thread, ahead of the next batch.
+        """Run fn() on the worker thread, between two ticks.
 
         All the engine's torch work belongs on this one thread: with OpenMP, torch ops on a
         second live thread that already ran parallel regions slow each other down (measured
@@ -220,13 +265,65 @@ class Batcher:
             self._cond.notify_all()
         self._thread.join(timeout)
 
+    # -----------------------------------------------------------------------------------------
+    # The worker
+
     def _work(self) -> None:
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            joining = self._wait_for_work()
+            if joining is None:
                 return
             self._run_calls()
-            self._run(batch)
+            for job in joining:
+                self._join(job)
+            if self._running:
+                self._tick()
+                self.ticks += 1
+            self._boundary()
+
+    def _wait_for_work(self) -> list[Job] | None:
+        """The jobs that join before the next tick (maybe none); None when stopped and idle."""
+        with self._cond:
+            while True:
+                self._drop_stale()
+                if self._calls or self._running:
+                    return self._take(self._admissible())
+                if not self._queue:
+                    if self._stopping:
+                        return None
+                    self._cond.wait()
+                    continue
+                # Idle: the oldest request waits up to batch_wait for company on its first step.
+                jobs = self._admissible()
+                remaining = self._queue[0].created + self.batch_wait - time.monotonic()
+                if remaining <= 0 or sum(j.n for j in jobs) >= self.max_batch or self._stopping:
+                    return self._take(jobs)
+                self._cond.wait(remaining)
+
+    def _admissible(self) -> list[Job]:
+        """Waiting jobs that may join now, oldest first, under the admission policy."""
+        if self.policy == "request":
+            if self._running or not self._queue:
+                return []
+            head = self._queue[0]
+            candidates = [j for j in self._queue if j.key == head.key]
+        else:
+            candidates = list(self._queue)
+        room, jobs = self.max_batch - len(self._running), []
+        for job in candidates:
+            if job.n > room:
+                break  # arrival order: nothing overtakes the oldest waiting request
+            jobs.append(job)
+            room -= job.n
+        return jobs
+
+    def _take(self, jobs: list[Job]) -> list[Job]:
+        taken = []
+        for job in jobs:
+            self._queue.remove(job)
+            if job.future.set_running_or_notify_cancel():
+                taken.append(job)
+        return taken
 
     def _run_calls(self) -> None:
         while True:
@@ -240,46 +337,95 @@ class Batcher:
                 except Exception as err:  # noqa: BLE001 - the caller gets it
                     future.set_exception(err)
 
-    def _next_batch(self) -> list[Job] | None:
-        """The oldest job plus the compatible jobs behind it, once its wait is over or it is full."""
+    def _join(self, job: Job) -> None:
+        """Prepare the job's slots and add them to the running set (its own errors fail it alone)."""
+        try:
+            request = job.request if job.request is not None else prepare(self.engine, job)
+            new = slots.split(self.engine, request, owner=job)
+        except (LumenError, ValueError, TypeError) as err:
+            job.future.set_exception(err)
+            return
+        except Exception as err:  # noqa: BLE001 - out of memory and other model failures
+            job.future.set_exception(ModelError(f"{type(err).__name__}: {err}"))
+            return
+        job.request, job.parts, job.started, job.joined = None, new, time.monotonic(), self.ticks
+        if self.on_admit is not None:
+            self.on_admit(job.started - job.created)
         with self._cond:
-            while True:
-                self._drop_stale()
-                if self._calls:
-                    return []  # run the calls first, then come back for a batch
-                if not self._queue:
-                    if self._stopping:
-                        return None
-                    self._cond.wait()
-                    continue
-                head = self._queue[0]
-                batch = [j for j in self._queue if j.key == head.key]
-                images = self._fit(batch)
-                remaining = head.created + self.batch_wait - time.monotonic()
-                if remaining <= 0 or images >= self.max_batch or self._stopping:
-                    break
-                self._cond.wait(remaining)
-            return self._take(batch)
+            self._running += new
+            self._progress.job_no += 1
 
-    def _fit(self, candidates: list[Job]) -> int:
-        total = 0
-        for job in candidates:
-            if total + job.n > self.max_batch:
-                break
-            total += job.n
-        return total
+    def _tick(self) -> None:
+        step = {id(s): s.i + 1 for s in self._running}  # 1-based: the step this tick works on
+        try:
+            finite = slots.tick(self.engine, self._running, self._record)
+        except Exception as err:  # noqa: BLE001 - out of memory, a runtime error in the model
+            failure = ModelError(f"{type(err).__name__}: {err}")
+            for job in self._jobs(self._running):
+                self._fail(job, failure)
+            return
+        for slot, ok in zip(list(self._running), finite):
+            if not ok and slot in self._running:
+                self._fail(slot.owner, ModelError(
+                    f"NonFiniteOutputError: NaN or inf in the x0 estimate in step {step[id(slot)]} of "
+                    f"{slot.steps}, computed in {str(self.engine.dtype).removeprefix('torch.')}"))
 
-    def _take(self, candidates: list[Job]) -> list[Job]:
-        """Remove the jobs that fit in one batch (FIFO), marking their futures as running."""
-        batch, total = [], 0
-        for job in candidates:
-            if total + job.n > self.max_batch:
-                break
-            self._queue.remove(job)
-            if job.future.set_running_or_notify_cancel():
-                batch.append(job)
-                total += job.n
-        return batch
+    def _boundary(self) -> None:
+        """Between ticks: dropped, finished and stopped jobs leave; progress is updated."""
+        with self._cond:
+            stop, self._stop_running = self._stop_running, None
+        for job in self._jobs(self._running):
+            if job.dropped:
+                self._remove(job)
+            elif stop is not None:
+                job.stopped = stop
+                self._answer(job, final=False)
+            elif all(s.done for s in job.parts):
+                self._answer(job, final=True)
+        self._update_progress()
+
+    def _jobs(self, running: list[slots.Slot]) -> list[Job]:
+        return list(dict.fromkeys(s.owner for s in running))
+
+    def _remove(self, job: Job) -> None:
+        with self._cond:
+            self._running = [s for s in self._running if s.owner is not job]
+
+    def _fail(self, job: Job, err: Exception) -> None:
+        self._remove(job)
+        if not job.future.done():
+            job.future.set_exception(err)
+
+    def _answer(self, job: Job, final: bool) -> None:
+        self._remove(job)
+        try:
+            images = slots.finish(self.engine, job.parts, self.output_type, final)
+        except Exception as err:  # noqa: BLE001 - non-finite latents or a VAE failure
+            job.future.set_exception(ModelError(f"{type(err).__name__}: {err}"))
+            return
+        self._last_job_s = time.monotonic() - job.started
+        job.future.set_result(images)
+
+    def _update_progress(self) -> None:
+        with self._cond:
+            if not self._running:
+                self._progress.steps = self._progress.step = 0  # idle
+                self._progress.preview, self._oldest = None, None
+                return
+            oldest = self._running[0]
+            if oldest.owner is not self._oldest:  # a new oldest request: progress starts over
+                self._oldest = oldest.owner
+                self._progress = Progress(oldest.steps, 0, oldest.owner.started,
+                                          self._progress.job_no)
+            self._progress.step = oldest.i
+        every = self.preview_every
+        if every and oldest.i > 0 and oldest.i % every == 0:
+            try:
+                preview = slots.finish(self.engine, [oldest], "pil", final=False)[0]
+            except Exception:  # noqa: BLE001 - a preview never fails a request
+                preview = None
+            with self._cond:
+                self._progress.preview = preview
 
     def _drop_stale(self) -> None:
         """Jobs whose client left, or that waited past timeout_s, leave the queue unrun."""
@@ -293,48 +439,8 @@ class Batcher:
                     job.future.set_exception(TimeoutError(
                         f"request waited {now - job.created:.1f} s; timeout_s={self.timeout_s}"))
 
-    def _on_step(self, i: int) -> None:
-        with self._cond:
-            self._progress.step = i + 1
-
-    def _run(self, batch: list[Job]) -> None:
-        if not batch:
-            return
-        with self._cond:
-            self._progress = Progress(batch[0].key.steps, 0, time.monotonic(),
-                                      self._progress.batch_no + 1)
-        try:
-            self._run_batch(batch)
-        finally:
-            with self._cond:
-                self._progress.steps = self._progress.step = 0  # idle
-
-    def _run_batch(self, batch: list[Job]) -> None:
-        start = time.perf_counter()
-        try:
-            images = run_batch(self.engine, batch[0].key, batch, self.output_type, self._on_step)
-        except (ValueError, TypeError) as err:  # engine's InvalidInput/InvalidTypeError
-            if len(batch) > 1:  # one request's input is at fault: serve each alone to tell which
-                for job in batch:
-                    self._run([job])  # sets the job's own result or error
-                return
-            batch[0].future.set_exception(err)
-            return
-        except Exception as err:  # noqa: BLE001 - out of memory, non-finite output, a model failure
-            failure = ModelError(f"{type(err).__name__}: {err}")
-            for job in batch:
-                job.future.set_exception(failure)
-            return
-        seconds = time.perf_counter() - start
-        self._record(len(images), seconds)
-        offset = 0
-        for job in batch:
-            job.future.set_result(images[offset:offset + job.n])
-            offset += job.n
-
     def _record(self, images: int, seconds: float) -> None:
         self.batches += 1
         self.images += images
-        self._last_batch_s = seconds
         if self.on_batch is not None:
             self.on_batch(images, seconds)

@@ -15,9 +15,15 @@ def add_serve_parser(subparsers) -> None:
     add_lora_argument(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--max-batch", type=int, default=8, help="images per Engine.run")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="images in the running batch (each takes 2 UNet rows with CFG)")
     p.add_argument("--batch-wait-ms", type=float, default=10.0,
-                   help="how long the oldest waiting request waits for compatible ones")
+                   help="how long the oldest request waits for company on an idle server")
+    p.add_argument("--batching", default="step", choices=("step", "request"),
+                   help="step: requests join and leave the running batch at step boundaries; "
+                        "request: whole-request batches of equal settings")
+    p.add_argument("--preview-every", type=int, default=0, metavar="N",
+                   help="decode a preview for GET /sdapi/v1/progress every N steps (0: off)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting images before 429")
     p.add_argument("--timeout-s", type=float, default=300.0, help="request age that gets 504")
     p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="width x height of one image")
@@ -37,7 +43,8 @@ def add_serve_parser(subparsers) -> None:
 
 
 def limits_from(args) -> dict:
-    return dict(max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+    return dict(max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, batching=args.batching,
+                preview_every=args.preview_every, max_queue=args.max_queue,
                 timeout_s=args.timeout_s, max_pixels=args.max_pixels, max_images=args.max_images,
                 max_body_bytes=args.max_body_bytes, api_key=args.api_key)
 

@@ -24,11 +24,15 @@ class Metrics:
                               ["endpoint", "status"], registry=r)
         self.errors = Counter("lumen_errors", "Failed requests by kind of error", ["kind"], registry=r)
         self.queue = Gauge("lumen_queue_images", "Images waiting for a batch", registry=r)
-        self.batch_images = Histogram("lumen_batch_images", "Images per Engine.run batch",
+        self.batch_images = Histogram("lumen_batch_images", "Images per UNet call",
                                       buckets=[float(b) for b in range(1, max_batch + 1)], registry=r)
-        self.batch_seconds = Histogram("lumen_batch_seconds", "Seconds per Engine.run batch",
-                                       buckets=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120],
-                                       registry=r)
+        self.batch_seconds = Histogram("lumen_batch_seconds", "Seconds per UNet call and step update",
+                                       buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                                                10], registry=r)
+        self.queue_wait = Histogram("lumen_queue_wait_seconds",
+                                    "Seconds from a request's arrival to its first step",
+                                    buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                                             10, 30, 60, 120, 300], registry=r)
         self.latency = Histogram("lumen_request_seconds", "Request latency by endpoint", ["endpoint"],
                                  buckets=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300],
                                  registry=r)

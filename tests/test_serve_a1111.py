@@ -314,6 +314,53 @@ def test_interrupt_cancels_what_waits_and_the_server_goes_on(server, client):
     assert client.get("/sdapi/v1/progress").json()["state"]["interrupted"] is False
 
 
+def png_size(b64: str) -> tuple[int, int]:
+    return png(b64).size
+
+
+def test_interrupt_answers_running_jobs_with_their_x0_estimates_at_a_step_boundary(server, client):
+    results, ticks = {}, server.batcher.ticks
+    long = {"prompt": PROMPT, "width": 32, "height": 32, "steps": 400}
+    threads = [in_thread(server, results, "one", "/sdapi/v1/txt2img", {**long, "seed": 1}),
+               in_thread(server, results, "two", "/sdapi/v1/txt2img", {**long, "batch_size": 2})]
+    wait_until(lambda: server.batcher.running_images == 3 and
+               client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] >= 2, "3 images running")
+    assert client.post("/sdapi/v1/interrupt").json() == {}
+    for thread in threads:
+        thread.join(DEADLINE_S)
+    for name, n in (("one", 1), ("two", 2)):
+        body = results[name].json()
+        assert results[name].status_code == 200 and json.loads(body["info"])["interrupted"] is True
+        assert [png_size(b) for b in body["images"]] == [(32, 32)] * n
+    assert 2 <= server.batcher.ticks - ticks < 400 and server.batcher.running_images == 0
+    assert client.get("/sdapi/v1/progress").json()["state"]["interrupted"] is True
+
+
+def test_skip_ends_the_running_jobs_and_the_waiting_ones_still_run(eng):
+    srv = RunningServer(eng, max_batch=1, batch_wait_ms=0, api_key=KEY, preview_every=1)
+    results = {}
+    try:
+        with srv.client(headers=basic("user", KEY)) as c:
+            first = in_thread(srv, results, "running", "/sdapi/v1/txt2img",
+                              {"prompt": PROMPT, "width": 32, "height": 32, "steps": 400})
+            wait_until(lambda: c.get("/sdapi/v1/progress").json()["state"]["sampling_step"] >= 2,
+                       "the first request running")
+            second = in_thread(srv, results, "waiting", "/sdapi/v1/txt2img",
+                               {"prompt": PROMPT, "width": 32, "height": 32, "steps": 3})
+            wait_until(lambda: srv.batcher.waiting_images == 1, "the second request waiting")
+            preview = c.get("/sdapi/v1/progress").json()["current_image"]
+            assert png_size(preview) == (32, 32)  # --preview-every 1: the x0 estimate as PNG
+            assert c.post("/sdapi/v1/skip").status_code == 200
+            first.join(DEADLINE_S)
+            second.join(DEADLINE_S)
+    finally:
+        srv.stop()
+    skipped, done = (results[k].json() for k in ("running", "waiting"))
+    assert json.loads(skipped["info"])["skipped"] is True and len(skipped["images"]) == 1
+    assert json.loads(done["info"])["skipped"] is False and len(done["images"]) == 1
+    assert srv.batcher.ticks < 400
+
+
 # ---------------------------------------------------------------------------------------------
 # clip skip on a CLIP model, LoRA listing, the infotext parser
 

@@ -1,0 +1,201 @@
+"""Step-level batching: images at different steps of different plans share one UNet call.
+
+A `Slot` is one image of a request: its text rows, plan, noise stream and sampler state, all
+its own. `tick(engine, slots)` advances every slot by one model evaluation: the slots' rows go
+through the UNet together (each row with its own timestep), CFG + rescale and the x0/eps
+conversion run in one fused launch per group with per-sample a, s, w and phi, and each slot
+then takes its own sampler's update, the same operations `samplers.sample` does, so a slot
+ends on the image `Engine.run` gives for it alone (docs/serving.md#the-step-scheduler).
+
+A slot's evaluations are the plan's evaluation points: one per step, two on Heun steps with a
+corrector. Slots join and leave between ticks; nothing here depends on which slots share a tick
+except the rounding of batch-size-dependent BLAS kernels.
+"""
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lumen import kernels
+
+from . import samplers
+from .output import decode
+
+
+@dataclass(eq=False)
+class Slot:
+    """One image: inputs on the device, its plan, and where its sampler stands."""
+
+    emb: torch.Tensor  # [2, L, D] ([negative, positive]) when cfg, else [1, L, D]
+    added: dict  # SDXL's text_embeds and time_ids, rows like emb
+    dp: samplers.DevicePlan
+    w: torch.Tensor  # 0-dim fp32 guidance scale
+    phi: torch.Tensor  # 0-dim fp32 guidance rescale
+    cfg: bool
+    x: torch.Tensor  # [1, C, h, w] fp32: the state x_t between steps
+    noise: torch.Tensor | None  # [1, S, C, h, w] fp32, None when the plan draws none
+    owner: object = None  # whoever runs the slot (the server's job)
+    i: int = 0  # steps done
+    k: int = 0  # evaluation points done
+    x0: torch.Tensor | None = None  # [1, C, h, w] the latest x0 estimate (previews, interrupts)
+    state: dict = field(default_factory=dict)  # sampler state: x0_prev; x_hat, eps, x_next
+
+    @property
+    def steps(self) -> int:
+        return self.dp.plan.num_steps
+
+    @property
+    def done(self) -> bool:
+        return self.i == self.steps
+
+    @property
+    def rows(self) -> int:
+        """UNet rows per evaluation: 2 with CFG, 1 without."""
+        return 2 if self.cfg else 1
+
+    @property
+    def shape_key(self) -> tuple:
+        """What rows sharing a UNet call must agree on: the latent and text shapes."""
+        return tuple(self.x.shape[1:]), tuple(self.emb.shape[1:])
+
+
+def split(engine, request: dict, owner=None) -> list[Slot]:
+    """One slot per image of an `Engine.prepare` result (SingDiffusion's hand-over done here)."""
+    x_T, noise, emb, cfg = request["x_T"], request["noise"], request["emb"], request["cfg"]
+    n = x_T.shape[0]
+    slots = []
+    for j in range(n):
+        rows = [j, n + j] if cfg else [j]
+        x = x_T[j:j + 1]
+        emb_j = emb[rows]
+        if engine.components.initial_step is not None:
+            x = engine.hand_over(x, emb_j, request["w"], cfg, request["dp"])
+        slots.append(Slot(emb_j, {k: v[rows] for k, v in request["added"].items()}, request["dp"],
+                          request["w"], request["phi"], cfg, x,
+                          None if noise is None else noise[j:j + 1], owner))
+    return slots
+
+
+@torch.inference_mode()
+def tick(engine, slots: list[Slot], on_call=None) -> list[bool]:
+    """One model evaluation for every slot; returns, per slot, whether its x0 is finite.
+
+    on_call(images, seconds), if given, is called after each UNet call and its updates.
+
+    Slots are grouped by shape (one UNet call per group, or per timestep where the runner takes
+    one timestep per call), then by CFG within a call: [neg rows, pos rows] of the CFG slots,
+    then the rows of the others, so each fused launch reads one contiguous slice of the output.
+    """
+    finite = {}
+    groups: dict[tuple, list[Slot]] = {}
+    for slot in slots:
+        groups.setdefault(slot.shape_key, []).append(slot)
+    for group in groups.values():
+        for call in calls(engine.runner, group):
+            start = time.perf_counter()
+            for slot, ok in zip(call, evaluate(engine, call)):
+                finite[id(slot)] = ok
+            if on_call is not None:
+                on_call(len(call), time.perf_counter() - start)
+    return [finite[id(slot)] for slot in slots]
+
+
+def calls(runner, group: list[Slot]) -> list[list[Slot]]:
+    """The UNet calls of one shape group: one, or one per timestep for a runner whose exported
+    graph takes a single timestep (onnxruntime, TensorRT)."""
+    if getattr(runner, "per_row_timesteps", False):
+        return [group]
+    by_t: dict[float, list[Slot]] = {}
+    for slot in group:
+        by_t.setdefault(float(slot.dp.plan.timesteps[slot.k]), []).append(slot)
+    return list(by_t.values())
+
+
+def evaluate(engine, slots: list[Slot]) -> list[bool]:
+    """One UNet call for `slots`, then each slot's sampler update; per slot, x0 finite."""
+    guided = [s for s in slots if s.cfg] + [s for s in slots if not s.cfg]
+    x_in = [model_input(s) for s in guided]
+    m = unet_call(engine, guided, x_in)
+    finite = {}
+    start = 0
+    for cfg in (True, False):
+        group = [(s, x) for s, x in zip(guided, x_in) if s.cfg == cfg]
+        if not group:
+            continue
+        n = len(group) * (2 if cfg else 1)
+        x0, eps = guided_x0_eps(engine, m[start:start + n], group, cfg)
+        start += n
+        ok = torch.isfinite(x0.flatten(1)).all(1).tolist()  # one host sync per group
+        for b, (slot, x) in enumerate(group):
+            finite[id(slot)] = ok[b]
+            update(slot, x, x0[b:b + 1], eps[b:b + 1])
+    return [finite[id(s)] for s in slots]
+
+
+def unet_call(engine, slots: list[Slot], x_in: list[torch.Tensor]) -> torch.Tensor:
+    """The model output of every row: [neg(CFG slots), pos(CFG slots), others], model dtype."""
+    dtype = engine.dtype
+    guided = [(s, x.to(dtype)) for s, x in zip(slots, x_in) if s.cfg]
+    plain = [(s, x.to(dtype)) for s, x in zip(slots, x_in) if not s.cfg]
+    order = [(s, x, 0) for s, x in guided] + [(s, x, 1) for s, x in guided] + \
+        [(s, x, 0) for s, x in plain]  # row r of a slot: its emb/added row (0 neg or pos, 1 pos)
+    sample = torch.cat([x for _, x, _ in order])
+    t = torch.stack([s.dp.timesteps[s.k] for s, _, _ in order])
+    emb = torch.cat([s.emb[r:r + 1] for s, _, r in order])
+    added = {name: torch.cat([s.added[name][r:r + 1] for s, _, r in order])
+             for name in slots[0].added}
+    if not getattr(engine.runner, "per_row_timesteps", False):
+        t = t[0]  # calls() gave this call one timestep
+    return engine.runner(sample, t, emb, **added)
+
+
+def guided_x0_eps(engine, m: torch.Tensor, group: list, cfg: bool):
+    """(x0, eps) [n, C, h, w] fp32 of a group: the fused kernel with per-sample scalars."""
+    slots = [s for s, _ in group]
+    x = torch.cat([x for _, x in group])
+    a = torch.stack([s.dp.a[s.k] for s in slots])
+    s_t = torch.stack([s.dp.s[s.k] for s in slots])
+    w = torch.stack([s.w for s in slots])
+    phi = torch.stack([s.phi for s in slots])
+    return kernels.guided_x0_eps(m, x, a, s_t, w, phi, engine.config.prediction_type, cfg)
+
+
+def model_input(slot: Slot) -> torch.Tensor:
+    """The point the model sees next: x_t, or for EDM the churned x_hat / the corrector's x."""
+    if slot.dp.plan.sampler not in ("euler", "heun"):
+        return slot.x
+    if "x_next" in slot.state:  # Heun's corrector evaluation
+        return slot.state["x_next"]
+    c, i = slot.dp.coef, slot.i
+    if slot.noise is None:  # as samplers.sample_edm: no step churns, c[:, 0] == 1
+        return slot.x
+    return c[i, 0] * slot.x + c[i, 1] * slot.noise[:, i]
+
+
+def update(slot: Slot, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> None:
+    """The slot's sampler update after evaluation k at x, written as samplers' loops write it."""
+    plan, c, i, state = slot.dp.plan, slot.dp.coef, slot.i, slot.state
+    slot.k += 1
+    slot.x0 = x0
+    if plan.sampler in samplers.DDIM_FORM:
+        slot.x = samplers.ddim_update(x0, eps, None if slot.noise is None else slot.noise[:, i], c[i])
+    elif plan.sampler == "dpmpp_2m":
+        x0_prev = state.get("x0_prev", x0)  # weight 0 on the first step
+        slot.x = c[i, 0] * slot.x + c[i, 1] * x0 + c[i, 2] * x0_prev
+        state["x0_prev"] = x0
+    elif "x_next" in state:  # Heun: the corrector's evaluation came back
+        slot.x = c[i, 4] * state.pop("x_hat") + c[i, 5] * (state.pop("eps") + eps)
+        del state["x_next"]
+    elif plan.corrector[i]:  # Heun: the step ends after the corrector's evaluation
+        state.update(x_hat=x, eps=eps, x_next=c[i, 2] * x0 + c[i, 3] * eps)
+        return
+    else:
+        slot.x = c[i, 2] * x0 + c[i, 3] * eps
+    slot.i += 1
+
+
+def finish(engine, slots: list[Slot], output_type: str, final: bool = True):
+    """Decode the slots' images in one batch: the final samples, or (final=False) the latest x0
+    estimates of slots stopped early (an interrupt)."""
+    x = torch.cat([s.x if final else s.x0 for s in slots])
+    return decode(x, engine.components, output_type, engine.dtype)
