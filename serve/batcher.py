@@ -376,7 +376,7 @@ class Batcher:
             stop, self._stop_running = self._stop_running, None
         for job in self._jobs(self._running):
             if job.dropped:
-                self._remove(job)
+                self._fail(job, DroppedError("the client left while its request ran"))
             elif stop is not None:
                 job.stopped = stop
                 self._answer(job, final=False)
