@@ -8,6 +8,8 @@ Stages, in this order, each in its own subprocess:
   sd15     `lumen bench` rows of the SD1.5 UNet at 512x512, fp16, CFG 7.5, 30 steps
   sdxl     the same for the SDXL UNet at 1024x1024
   soak     200 graph-replayed requests: memory stays flat, one capture per key, no NaN
+  serve    the step scheduler: per-step graphs vs the whole-loop graph at batch 1 (at most 2%
+           slower), images/s with 1, 4 and 8 clients
   vae      SD's VAE decodes alike in fp16 and fp32; a force_upcast VAE decodes in fp32
 A stage's time box is its share of what is left of the budget (shares are the stages' expected
 seconds on a GPU host), so time a stage does not use passes to the stages after it, and a hung
@@ -36,7 +38,7 @@ from typing import Callable, NamedTuple
 from lumen.engine.errors import LumenError
 from lumen.engine.validation import check_choice, check_real
 
-from . import gpu_models, gpu_stages
+from . import gpu_models, gpu_serve, gpu_stages
 from .ablation import Settings
 from .bench_kernels import CASES, Case
 
@@ -68,6 +70,8 @@ class Sizes:
     soak_sizes: tuple[tuple[int, int], ...]  # latent (height, width): presets have no VAE
     soak_steps: int
     soak_dtype: str  # the dtype engine.build picks on this device
+    serve_reps: int  # timed requests per figure of the serve stage (median)
+    serve_jobs: int  # requests per client in the serve stage's throughput runs
     vae: dict  # AutoencoderKL config
     vae_latent: tuple[int, int, int, int]
     vae_tol: float  # max |fp16 image - fp32 image|, images in [0, 1]
@@ -95,7 +99,7 @@ REAL = Sizes(
     # and steps t - T // S, which is not the trailing list at S = 30.
     bench_tol=2e-2, diffusers_tol=None,
     soak_runs=200, soak_sizes=((32, 32), (64, 64)), soak_steps=10,
-    soak_dtype="float16", vae=SD_VAE, vae_latent=(1, 4, 64, 64), vae_tol=1e-2)
+    soak_dtype="float16", serve_reps=5, serve_jobs=2, vae=SD_VAE, vae_latent=(1, 4, 64, 64), vae_tol=1e-2)
 
 DRY = Sizes(
     device="cpu", copy_mib=16, matmul_n=256, reps=3,
@@ -109,7 +113,7 @@ DRY = Sizes(
                   iters=1), sdxl_skip="",
     bench_tol=1e-4, diffusers_tol=1e-4,  # fp32, and 2 steps divide T: the same timesteps
     soak_runs=5, soak_sizes=((8, 8), (16, 8)), soak_steps=2,
-    soak_dtype="float32", vae=TINY_VAE, vae_latent=(1, 4, 8, 8), vae_tol=1e-2)
+    soak_dtype="float32", serve_reps=1, serve_jobs=1, vae=TINY_VAE, vae_latent=(1, 4, 8, 8), vae_tol=1e-2)
 
 
 class Stage(NamedTuple):
@@ -121,7 +125,7 @@ class Stage(NamedTuple):
 STAGES = (Stage("env", gpu_stages.env, 20), Stage("tests", gpu_stages.tests, 80),
           Stage("kernels", gpu_stages.kernels_stage, 60), Stage("sd15", gpu_models.sd15, 120),
           Stage("sdxl", gpu_models.sdxl, 140), Stage("soak", gpu_models.soak, 40),
-          Stage("vae", gpu_models.vae, 20))
+          Stage("serve", gpu_serve.serve, 60), Stage("vae", gpu_models.vae, 20))
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
 

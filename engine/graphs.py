@@ -86,13 +86,17 @@ class StaticInputs:
     def args(self):
         return self.emb, self.x_T, self.noise, self.plan, self.w, self.phi, self.added
 
+    @property
+    def device(self) -> torch.device:
+        return self.x_T.device
+
 
 @dataclass
 class CapturedLoop:
     """One captured loop: its static inputs, its output buffer and how to replay it."""
 
-    inputs: StaticInputs
-    output: torch.Tensor  # [N, C, h, w] fp32, overwritten by every replay
+    inputs: object  # StaticInputs, or a step graph's (engine.step_graphs): .args(), .device
+    output: torch.Tensor | tuple  # [N, C, h, w] fp32 (a step graph: x0 and eps), overwritten by every replay
     replay: Callable[[], None]
     capture_s: float  # warm-up + capture wall time
     keepalive: object = None  # the captured loop and its runner: their memory is in the graph
@@ -167,17 +171,32 @@ class GraphCache:
 
         make_loop() gives the loop to capture; it is called only when key is not cached.
         """
-        with self.lock, torch.inference_mode(), self._ordered(x_T.device) as done:
+        return self.replay(key, make_loop,
+                           lambda: StaticInputs.like(emb, x_T, noise, w, phi, plan, added),
+                           lambda inputs: inputs.load(emb, x_T, noise, w, phi, plan, added),
+                           x_T.device)
+
+    def replay(self, key, make_fn: Callable, new_inputs: Callable, load: Callable, device):
+        """fn(*inputs.args())'s result (a tensor or a tuple of them) from a replay of key's graph.
+
+        On a miss, make_fn() gives the function to capture and new_inputs() its static inputs;
+        on a hit, load(inputs) copies the new values into the cached entry's inputs.
+        """
+        with self.lock, torch.inference_mode(), self._ordered(device) as done:
             entry = self.entries.get(key)
             if entry is None:
-                entry = self._capture(key, make_loop(), StaticInputs.like(emb, x_T, noise, w, phi, plan, added))
+                entry = self._capture(key, make_fn(), new_inputs())
             else:
                 self.entries.move_to_end(key)
-                entry.inputs.load(emb, x_T, noise, w, phi, plan, added)
+                load(entry.inputs)
             entry.replay()
             self.replays += 1
-            out = entry.output.clone()  # the buffer is overwritten by the next replay
-            done.append(out)
+            # the buffers are overwritten by the next replay
+            if isinstance(entry.output, tuple):
+                out = tuple(t.clone() for t in entry.output)
+            else:
+                out = entry.output.clone()
+            done.extend(out if isinstance(out, tuple) else (out,))
         return out
 
     @contextlib.contextmanager
@@ -200,13 +219,13 @@ class GraphCache:
             for t in done:
                 t.record_stream(caller)
 
-    def _capture(self, key: GraphKey, loop, inputs: StaticInputs) -> CapturedLoop:
+    def _capture(self, key, loop, inputs) -> CapturedLoop:
         """Warm up and capture; a failed capture raises, leaving no entry.
 
         A capture that failed may leave the CUDA allocator inside an unfinished capture, so
         running on eagerly in the same process is not known to be safe: the error says so.
         """
-        if self._pool is None and inputs.x_T.is_cuda:
+        if self._pool is None and inputs.device.type == "cuda":
             self._pool = torch.cuda.graph_pool_handle()
         start = time.perf_counter()
         try:

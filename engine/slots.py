@@ -77,10 +77,11 @@ def split(engine, request: dict, owner=None) -> list[Slot]:
 
 
 @torch.inference_mode()
-def tick(engine, slots: list[Slot], on_call=None) -> list[bool]:
+def tick(engine, slots: list[Slot], on_call=None, graphs=None) -> list[bool]:
     """One model evaluation for every slot; returns, per slot, whether its x0 is finite.
 
     on_call(images, seconds), if given, is called after each UNet call and its updates.
+    graphs: a GraphCache of step graphs (engine.step_graphs) to replay the model step from.
 
     Slots are grouped by shape (one UNet call per group, or per timestep where the runner takes
     one timestep per call), then by CFG within a call: [neg rows, pos rows] of the CFG slots,
@@ -93,7 +94,7 @@ def tick(engine, slots: list[Slot], on_call=None) -> list[bool]:
     for group in groups.values():
         for call in calls(engine.runner, group):
             start = time.perf_counter()
-            for slot, ok in zip(call, evaluate(engine, call)):
+            for slot, ok in zip(call, evaluate(engine, call, graphs)):
                 finite[id(slot)] = ok
             if on_call is not None:
                 on_call(len(call), time.perf_counter() - start)
@@ -111,53 +112,80 @@ def calls(runner, group: list[Slot]) -> list[list[Slot]]:
     return list(by_t.values())
 
 
-def evaluate(engine, slots: list[Slot]) -> list[bool]:
-    """One UNet call for `slots`, then each slot's sampler update; per slot, x0 finite."""
-    guided = [s for s in slots if s.cfg] + [s for s in slots if not s.cfg]
-    x_in = [model_input(s) for s in guided]
-    m = unet_call(engine, guided, x_in)
-    finite = {}
-    start = 0
-    for cfg in (True, False):
-        group = [(s, x) for s, x in zip(guided, x_in) if s.cfg == cfg]
-        if not group:
-            continue
-        n = len(group) * (2 if cfg else 1)
-        x0, eps = guided_x0_eps(engine, m[start:start + n], group, cfg)
-        start += n
-        ok = torch.isfinite(x0.flatten(1)).all(1).tolist()  # one host sync per group
-        for b, (slot, x) in enumerate(group):
-            finite[id(slot)] = ok[b]
-            update(slot, x, x0[b:b + 1], eps[b:b + 1])
+def evaluate(engine, slots: list[Slot], graphs=None) -> list[bool]:
+    """One UNet call for `slots` (replayed from a step graph when `graphs` is given), then each
+    slot's sampler update; returns, per slot, whether its x0 is finite."""
+    ordered = [s for s in slots if s.cfg] + [s for s in slots if not s.cfg]
+    x_in = [model_input(s) for s in ordered]
+    inputs = StepInputs.gather(ordered, x_in)
+    if graphs is None:
+        x0, eps = model_step(engine, engine.runner, inputs)
+    else:
+        from .step_graphs import run_graphed
+
+        x0, eps = run_graphed(engine, graphs, inputs)
+    ok = torch.isfinite(x0.flatten(1)).all(1).tolist()  # one host sync per UNet call
+    for b, (slot, x) in enumerate(zip(ordered, x_in)):
+        update(slot, x, x0[b:b + 1], eps[b:b + 1])
+    finite = {id(s): f for s, f in zip(ordered, ok)}
     return [finite[id(s)] for s in slots]
 
 
-def unet_call(engine, slots: list[Slot], x_in: list[torch.Tensor]) -> torch.Tensor:
-    """The model output of every row: [neg(CFG slots), pos(CFG slots), others], model dtype."""
-    dtype = engine.dtype
-    guided = [(s, x.to(dtype)) for s, x in zip(slots, x_in) if s.cfg]
-    plain = [(s, x.to(dtype)) for s, x in zip(slots, x_in) if not s.cfg]
-    order = [(s, x, 0) for s, x in guided] + [(s, x, 1) for s, x in guided] + \
-        [(s, x, 0) for s, x in plain]  # row r of a slot: its emb/added row (0 neg or pos, 1 pos)
-    sample = torch.cat([x for _, x, _ in order])
-    t = torch.stack([s.dp.timesteps[s.k] for s, _, _ in order])
-    emb = torch.cat([s.emb[r:r + 1] for s, _, r in order])
-    added = {name: torch.cat([s.added[name][r:r + 1] for s, _, r in order])
-             for name in slots[0].added}
-    if not getattr(engine.runner, "per_row_timesteps", False):
-        t = t[0]  # calls() gave this call one timestep
-    return engine.runner(sample, t, emb, **added)
+@dataclass
+class StepInputs:
+    """What one model evaluation of n images reads, CFG images first; per image unless noted."""
+
+    n_cfg: int  # images with CFG (they come first)
+    x: torch.Tensor  # [n, C, h, w] fp32 model inputs
+    t: torch.Tensor  # [n] timesteps
+    emb: torch.Tensor  # [n + n_cfg, L, D] rows: [neg (CFG images), pos (CFG images), the others]
+    added: dict  # SDXL's text_embeds and time_ids, rows like emb
+    a: torch.Tensor  # [n] fp32 sqrt(abar)
+    s: torch.Tensor  # [n] fp32 sqrt(1 - abar)
+    w: torch.Tensor  # [n] fp32 guidance scale
+    phi: torch.Tensor  # [n] fp32 guidance rescale
+
+    @classmethod
+    def gather(cls, slots: list[Slot], x_in: list[torch.Tensor]) -> "StepInputs":
+        """The inputs of slots (CFG slots first) at their current evaluation points."""
+        n_cfg = sum(s.cfg for s in slots)
+        rows = [(s, 0) for s in slots[:n_cfg]] + [(s, s.rows - 1) for s in slots]
+
+        def per_image(values):
+            return torch.stack(values)
+        return cls(n_cfg, torch.cat(x_in), per_image([s.dp.timesteps[s.k] for s in slots]),
+                   torch.cat([s.emb[r:r + 1] for s, r in rows]),
+                   {k: torch.cat([s.added[k][r:r + 1] for s, r in rows]) for k in slots[0].added},
+                   per_image([s.dp.a[s.k] for s in slots]), per_image([s.dp.s[s.k] for s in slots]),
+                   per_image([s.w for s in slots]), per_image([s.phi for s in slots]))
+
+    def args(self) -> tuple:
+        return (self.x, self.t, self.emb, self.added, self.a, self.s, self.w, self.phi)
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
 
 
-def guided_x0_eps(engine, m: torch.Tensor, group: list, cfg: bool):
-    """(x0, eps) [n, C, h, w] fp32 of a group: the fused kernel with per-sample scalars."""
-    slots = [s for s, _ in group]
-    x = torch.cat([x for _, x in group])
-    a = torch.stack([s.dp.a[s.k] for s in slots])
-    s_t = torch.stack([s.dp.s[s.k] for s in slots])
-    w = torch.stack([s.w for s in slots])
-    phi = torch.stack([s.phi for s in slots])
-    return kernels.guided_x0_eps(m, x, a, s_t, w, phi, engine.config.prediction_type, cfg)
+def model_step(engine, runner, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) [n, C, h, w] fp32: the UNet call over every row, then CFG + rescale and the
+    x0/eps conversion as one fused launch per group, with per-sample scalars. No host sync, so
+    a step graph captures it (engine.step_graphs)."""
+    nc, x, t = inputs.n_cfg, inputs.x, inputs.t
+    x_in = x.to(engine.dtype)
+    sample = torch.cat([x_in[:nc], x_in[:nc], x_in[nc:]])
+    t_rows = torch.cat([t[:nc], t[:nc], t[nc:]])
+    if not getattr(runner, "per_row_timesteps", False):
+        t_rows = t_rows[0]  # calls() gave this call one timestep
+    m = runner(sample, t_rows, inputs.emb, **inputs.added)
+    prediction_type, parts = engine.config.prediction_type, []
+    for cfg, rows, images in ((True, slice(0, 2 * nc), slice(0, nc)),
+                              (False, slice(2 * nc, None), slice(nc, None))):
+        if x[images].shape[0]:
+            parts.append(kernels.guided_x0_eps(
+                m[rows], x[images], inputs.a[images], inputs.s[images], inputs.w[images],
+                inputs.phi[images], prediction_type, cfg))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def model_input(slot: Slot) -> torch.Tensor:

@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 import torch
 
 from lumen.engine import LumenError, SamplerConfig, slots
+from lumen.engine.graphs import GraphCache
 
 POLICIES = ("step", "request")
+STEP_GRAPHS = 32  # step graphs kept: buckets x (CFG, no CFG) x sizes in use
 
 
 class QueueFullError(Exception):
@@ -142,7 +144,7 @@ class Batcher:
 
     def __init__(self, engine, max_batch: int = 8, batch_wait_ms: float = 10.0, max_queue: int = 64,
                  timeout_s: float = 300.0, on_batch=None, output_type: str = "pil",
-                 policy: str = "step", preview_every: int = 0, on_admit=None):
+                 policy: str = "step", preview_every: int = 0, on_admit=None, step_graphs=None):
         if policy not in POLICIES:
             raise ValueError(f"batching={policy!r}; expected one of {', '.join(POLICIES)}")
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
@@ -151,6 +153,11 @@ class Batcher:
         self.preview_every = preview_every  # decode a preview every N steps (0: never)
         self.on_batch = on_batch  # on_batch(images, seconds) after each UNet call, for metrics
         self.on_admit = on_admit  # on_admit(seconds from arrival to first step)
+        # Step graphs (engine.step_graphs) when the engine replays CUDA graphs: one capture per
+        # bucket and size. A GraphCache passed in (a test's) is used whatever the engine says.
+        if step_graphs is None and getattr(engine, "cuda_graph", False):
+            step_graphs = GraphCache(STEP_GRAPHS)
+        self.step_graphs = step_graphs
         self.batches = self.images = 0  # UNet calls, and images summed over them
         self.ticks = 0  # step boundaries passed
         self._queue: collections.deque[Job] = collections.deque()
@@ -358,7 +365,7 @@ class Batcher:
     def _tick(self) -> None:
         step = {id(s): s.i + 1 for s in self._running}  # 1-based: the step this tick works on
         try:
-            finite = slots.tick(self.engine, self._running, self._record)
+            finite = slots.tick(self.engine, self._running, self._record, self.step_graphs)
         except Exception as err:  # noqa: BLE001 - out of memory, a runtime error in the model
             failure = ModelError(f"{type(err).__name__}: {err}")
             for job in self._jobs(self._running):

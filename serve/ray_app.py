@@ -1,7 +1,7 @@
 """Lumen on Ray Serve: replicas of the same server behind one endpoint, on one host or a cluster.
 
 Each replica is a Ray actor with one engine, and serves the very app `create_app` builds for
-that engine: the same endpoints, errors, limits, dynamic batcher and `/metrics`. The app needs
+that engine: the same endpoints, errors, limits, step scheduler and `/metrics`. The app needs
 the engine, which exists only inside the replica, so the deployment uses Serve's late-bound
 ingress: `@serve.ingress()` without an app, and `__serve_build_asgi_app__`, which Serve calls in
 the replica after the constructor has built the engine. Serve then runs the app's lifespan as
@@ -124,8 +124,8 @@ def deployment_options(limits: Limits, replicas: int = 1, autoscale: tuple[int, 
 def limits_arg(name: str, value):
     """A Limits field from serve run's KEY=VALUE strings (YAML args arrive typed already)."""
     default = getattr(Limits, name)
-    if not isinstance(value, str) or name == "api_key":
-        return value
+    if not isinstance(value, str) or isinstance(default, str) or name == "api_key":
+        return value  # typed already, or a text field (batching)
     try:
         return float(value) if isinstance(default, float) else int(value)
     except ValueError:

@@ -269,6 +269,10 @@ def test_build_app_reads_serve_run_arguments():
         build_app({"replica_count": 2})
     with pytest.raises(InvalidInputError, match="max_batch='many'; expected a number"):
         build_app({"max_batch": "many"})
+    limits = build_app({"batching": "request", "preview_every": "2"})._bound_deployment.init_kwargs["limits"]
+    assert (limits["batching"], limits["preview_every"]) == ("request", 2)
+    with pytest.raises(InvalidInputError, match="batching='whole'; expected one of step, request"):
+        build_app({"batching": "whole"})
 
 
 @pytest.mark.parametrize("lora, expected", [

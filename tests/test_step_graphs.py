@@ -1,0 +1,115 @@
+"""Step graphs (engine.step_graphs): the scheduler's model step per bucket, padded, replayed.
+
+CUDA graphs need a GPU (tests/test_cuda.py replays real ones). Here the capture function reruns
+the captured step on the static buffers, so the bucketing, padding, row placement, keys and
+reuse are the production code's own, and each image is compared with its alone run.
+"""
+import pytest
+import torch
+
+from lumen import engine
+from lumen.engine.graphs import GraphCache
+from lumen.engine.slots import StepInputs
+from lumen.engine.step_graphs import BUCKETS, bucket, image_rows, text_rows, step_key
+from lumen.serve.batcher import Batcher, BatchKey, Job
+
+from test_serve_batching import ATOL, assert_alone, job, mixed_key
+
+CUDA = torch.cuda.is_available()
+
+
+def capture_by_rerun(step, pool):
+    """(replay, output) like capture_cuda's, where replay reruns step on the static buffers."""
+    output = step()
+
+    def replay():
+        for buffer, value in zip(output, step()):
+            buffer.copy_(value)
+    return replay, output
+
+
+@pytest.fixture(scope="module")
+def eng():
+    return engine.build("default")
+
+
+def test_buckets_round_up_to_a_power_of_two_then_to_multiples_of_64():
+    assert [bucket(n) for n in (0, 1, 2, 3, 5, 8, 9, 33, 64, 65, 130)] == \
+        [0, 1, 2, 4, 8, 8, 16, 64, 64, 128, 192]
+    assert BUCKETS[0] == 1
+
+
+def test_real_rows_sit_in_their_part_of_the_padded_buffers(eng):
+    five = torch.zeros(5)
+    key = step_key(eng, StepInputs(3, torch.zeros(5, 3, 8, 8), five, torch.zeros(8, 77, 32), {},
+                                   five, five, five, five))
+    assert (key.cfg_images, key.plain_images) == (4, 2)
+    assert image_rows(3, 5, key).tolist() == [0, 1, 2, 4, 5]
+    assert text_rows(3, 5, key).tolist() == [0, 1, 2, 4, 5, 6, 8, 9]  # neg, pos, then the others
+
+
+def test_replayed_step_graphs_give_every_image_its_alone_run(eng):
+    """Mixed samplers, steps, guidance and CFG on/off: padded buckets change no image."""
+    graphs = GraphCache(16, capture=capture_by_rerun)
+    batcher = Batcher(eng, max_batch=8, batch_wait_ms=0, output_type="pt", step_graphs=graphs)
+    try:
+        jobs = [job(mixed_key(eng, i), i, 1 + i % 2) for i in range(6)]
+        futures = [batcher.submit(j) for j in jobs]
+        results = [(j, f.result(timeout=120)) for j, f in zip(jobs, futures)]
+    finally:
+        batcher.stop()
+    assert_alone(eng, results)
+    assert graphs.replays == batcher.batches  # every UNet call replayed a step graph
+    # at most one capture per (CFG bucket, other bucket) seen, never one per call
+    assert 1 <= graphs.captures <= 8 and graphs.captures < graphs.replays
+    assert all(k.cfg_images in (0, *BUCKETS) and k.plain_images in (0, *BUCKETS) for k in graphs.keys())
+
+
+def test_a_capture_is_reused_across_requests_of_one_bucket(eng):
+    graphs = GraphCache(4, capture=capture_by_rerun)
+    batcher = Batcher(eng, max_batch=8, batch_wait_ms=0, output_type="pt", step_graphs=graphs)
+    key = BatchKey(32, 32, 3, eng.config, 7.5, 0.7, 0.0)
+    try:
+        for i in range(3):  # 3 images, then 4: both the CFG bucket of 4
+            j = Job(key, ("a red circle on a solid black background",) * (3 + i % 2),
+                    ("",) * (3 + i % 2), tuple(range(10 * i, 10 * i + 3 + i % 2)))
+            assert_alone(eng, [(j, batcher.submit(j).result(timeout=120))])
+    finally:
+        batcher.stop()
+    assert (graphs.captures, graphs.replays) == (1, 9)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device; the CPU tests above rerun "
+                                     "the captured step instead of replaying a graph")
+def test_cuda_step_graphs_replay_like_the_eager_scheduler():
+    from conftest import make_tiny_unet
+
+    graphed = engine.build(make_tiny_unet(), device="cuda", dtype=torch.float16, cuda_graph=True)
+    eager = engine.Engine(graphed.components, graphed.config, graphed.runner, graphed.device,
+                          graphed.dtype)
+    dim = graphed.components.unet.config.cross_attention_dim
+
+    def requests():
+        out = []
+        for i in range(5):
+            g = torch.Generator().manual_seed(i)
+            out.append(graphed.prepare(
+                prompt_embeds=torch.randn(1 + i % 2, 77, dim, generator=g),
+                negative_prompt_embeds=torch.randn(1 + i % 2, 77, dim, generator=g),
+                num_inference_steps=3 + i, guidance_scale=1.0 if i == 2 else 7.5,
+                generator=[torch.Generator().manual_seed(100 + i + k) for k in range(1 + i % 2)]))
+        return out
+    results = []
+    for eng in (graphed, eager):
+        batcher = Batcher(eng, max_batch=8, batch_wait_ms=50, output_type="latent")
+        key = BatchKey(0, 0, 0, None, 0.0, 0.0, 0.0)  # not read: the jobs come prepared
+        try:
+            futures = [batcher.submit(Job(key, ("",) * r["x_T"].shape[0], ("",) * r["x_T"].shape[0],
+                                          tuple(range(r["x_T"].shape[0])), request=r))
+                       for r in requests()]
+            results.append([f.result(timeout=300) for f in futures])
+        finally:
+            batcher.stop()
+        assert (batcher.step_graphs is not None) == (eng is graphed)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=ATOL * 50, rtol=0)  # fp16 UNet
