@@ -11,7 +11,7 @@ from lumen import engine
 from lumen.engine.graphs import GraphCache
 from lumen.engine.slots import StepInputs
 from lumen.engine.step_graphs import BUCKETS, bucket, image_rows, text_rows, step_key
-from lumen.serve.batcher import Batcher, BatchKey, Job
+from lumen.serve.batcher import Batcher, BatchKey, Job, prepare
 
 from test_serve_batching import ATOL, assert_alone, job, mixed_key
 
@@ -113,3 +113,23 @@ def test_cuda_step_graphs_replay_like_the_eager_scheduler():
         assert (batcher.step_graphs is not None) == (eng is graphed)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=ATOL * 50, rtol=0)  # fp16 UNet
+
+
+def test_the_captured_model_step_has_no_host_sync(eng):
+    """What a step graph captures (engine.slots.model_step) reads no device value on the host:
+    CFG and unguided images, per-sample timesteps, scalars and plans, in one call."""
+    from lumen.engine import slots
+
+    from test_pipeline import NoHostSync
+
+    running = []
+    for i in range(4):
+        k = mixed_key(eng, i)
+        running += slots.split(eng, prepare(eng, job(k, i, 1)))
+    slots.tick(eng, running)  # every slot at its second evaluation point
+    ordered = [s for s in running if s.cfg] + [s for s in running if not s.cfg]
+    inputs = slots.StepInputs.gather(ordered, [slots.model_input(s) for s in ordered])
+    assert 0 < inputs.n_cfg < len(ordered)
+    with NoHostSync():
+        x0, eps = slots.model_step(eng, eng.runner, inputs)
+    assert x0.shape == eps.shape == inputs.x.shape and bool(torch.isfinite(x0).all())
