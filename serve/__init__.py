@@ -7,8 +7,8 @@ runs without the serve extra installed.
 """
 import importlib
 
-_EXPORTS = {"create_app": ".app", "Limits": ".app", "Batcher": ".batcher", "BatchKey": ".batcher",
-            "Job": ".batcher"}
+_EXPORTS = {"create_app": ".app", "Limits": ".app", "Batcher": ".batcher", "BatchKey": ".jobs",
+            "Job": ".jobs"}
 __all__ = list(_EXPORTS)
 
 

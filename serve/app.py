@@ -17,7 +17,8 @@ from lumen.engine import InvalidInputError, LumenError, slots
 from . import errors
 from .a1111 import (UNSERVED, Checkpoint, add_a1111_routes, cmd_flags, lora_items, vae_items,
                     weights_sha256)
-from .batcher import POLICIES, Batcher, BatchKey, Interrupted, Job, ModelError, prepare
+from .batcher import POLICIES, Batcher
+from .jobs import BatchKey, Interrupted, Job, ModelError, prepare
 from .http import AuthMiddleware, Metrics, MetricsMiddleware
 from .output import encode, infotext
 from .schemas import (A1111Txt2ImgRequest, InvalidRequest, OpenAIImageRequest, Order, a1111_order,
@@ -87,13 +88,14 @@ def default_size(engine) -> tuple[int, int]:
     return side, side
 
 
-def warm_up(engine) -> None:
-    """One small request through the serving path (text encoder, steps, decode) before serving."""
+def warm_up(engine, step_graphs=None) -> None:
+    """One small request through the serving path (text encoder, steps, decode) before serving;
+    with step graphs, the first one (one CFG image at the default size) is captured here."""
     width, height = default_size(engine)
     key = BatchKey(height, width, 2, engine.config, 7.5, 0.7, 0.0)
     running = slots.split(engine, prepare(engine, Job(key, ("",), ("",), (0,))))
     while not running[0].done:
-        slots.tick(engine, running)
+        slots.tick(engine, running, graphs=step_graphs)
     slots.finish(engine, running, "pil")
 
 
@@ -118,7 +120,7 @@ def create_app(engine, model_name: str = "lumen", warmup: bool = True, lora=None
                 lambda: weights_sha256(engine.components.unet)))
             app.state.checkpoint = Checkpoint(model_name, sha256)
             if warmup:
-                await asyncio.wrap_future(batcher.call(lambda: warm_up(engine)))
+                await asyncio.wrap_future(batcher.call(lambda: warm_up(engine, batcher.step_graphs)))
             app.state.ready = True
             yield
         finally:

@@ -8,7 +8,7 @@ from starlette.exceptions import HTTPException
 
 from lumen.engine import LumenError
 
-from .batcher import Interrupted, ModelError, QueueFullError
+from .jobs import Interrupted, ModelError, QueueFullError
 from .http import error_body
 from .schemas import InvalidRequest
 

@@ -4,7 +4,7 @@ import io
 
 from PIL.PngImagePlugin import PngInfo
 
-from .batcher import BatchKey
+from .jobs import BatchKey
 from .schemas import A1111_SAMPLERS
 
 LUMEN_TO_A1111 = {sampler: label for label, (sampler, _) in A1111_SAMPLERS.items()}

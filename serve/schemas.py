@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lumen.engine import SamplerConfig
 
-from .batcher import BatchKey
+from .jobs import BatchKey
 
 # AUTOMATIC1111 sampler labels (and their k-diffusion aliases) -> Lumen samplers.
 A1111_SAMPLERS = {

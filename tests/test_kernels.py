@@ -409,7 +409,8 @@ def test_samples_too_large_to_address_are_refused():
 
 
 def per_sample_scalars(B, eta=1.0):
-    """Sample b at its own step (never the first: a = 0 there) of its own plan (alternating 10 and 7 steps), w and phi its own."""
+    """Sample b at its own step (never the first: a = 0 there) of its own plan (10 or 7 steps),
+    with its own w and phi."""
     plans = [ddim_plan(10 if b % 2 == 0 else 7, eta) for b in range(B)]
     rows = [step_scalars(p, 1 + (2 * b) % (p.plan.num_steps - 1), w=2.0 + b, phi=0.25 * (b % 4))
             for b, p in enumerate(plans)]

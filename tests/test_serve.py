@@ -202,15 +202,22 @@ def test_metrics_count_requests_images_errors_and_batches(client):
     assert client.get("/health").json() == {"status": "ok"}
 
 
+MIXED_HTTP = [  # steps, sampler, guidance (1: CFG off): requests that share UNet calls all the same
+    dict(num_inference_steps=3), dict(num_inference_steps=5, sampler="euler_ancestral", eta=0.5),
+    dict(num_inference_steps=2, guidance_scale=1.0), dict(num_inference_steps=4, sampler="heun"),
+    dict(num_inference_steps=3, sampler="dpmpp_2m", guidance_scale=5.0),
+    dict(num_inference_steps=4, guidance_scale=9.0, guidance_rescale=0.0)]
+
+
 def test_http_requests_batch_and_each_image_equals_the_request_served_alone(eng, client):
     requests = [(PROMPTS[i % 4], 1 + i % 3, 100 + 10 * i) for i in range(6)]  # 12 images
-    alone = [openai_images(client, p, n, s) for p, n, s in requests]
+    alone = [openai_images(client, p, n, s, **MIXED_HTTP[i]) for i, (p, n, s) in enumerate(requests)]
     batching = RunningServer(eng, batch_wait_ms=1500, max_batch=8)
     try:
         results = [None] * len(requests)
         with batching.client() as c:
             def send(i):
-                results[i] = openai_images(c, *requests[i])
+                results[i] = openai_images(c, *requests[i], **MIXED_HTTP[i])
             threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
             [t.start() for t in threads]
             [t.join(120) for t in threads]

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from lumen import engine
-from lumen.serve.batcher import Batcher, BatchKey, Job, ModelError
+from lumen.serve.batcher import Batcher
+from lumen.serve.jobs import BatchKey, Job, ModelError
 
 from server_helpers import RunningServer
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from lumen import engine
-from lumen.serve.batcher import Batcher, BatchKey, DroppedError, Interrupted, Job
+from lumen.serve.batcher import Batcher
+from lumen.serve.jobs import BatchKey, DroppedError, Interrupted, Job
 
 from test_serve_batching import PROMPTS, alone
 

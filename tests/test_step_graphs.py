@@ -11,9 +11,10 @@ from lumen import engine
 from lumen.engine.graphs import GraphCache
 from lumen.engine.slots import StepInputs
 from lumen.engine.step_graphs import BUCKETS, bucket, image_rows, text_rows, step_key
-from lumen.serve.batcher import Batcher, BatchKey, Job, prepare
+from lumen.serve.batcher import Batcher
+from lumen.serve.jobs import BatchKey, Job, prepare
 
-from test_serve_batching import ATOL, assert_alone, job, mixed_key
+from test_serve_batching import assert_alone, job, mixed_key
 
 CUDA = torch.cuda.is_available()
 
@@ -111,8 +112,13 @@ def test_cuda_step_graphs_replay_like_the_eager_scheduler():
         finally:
             batcher.stop()
         assert (batcher.step_graphs is not None) == (eng is graphed)
+    # fp16 UNet: cuBLAS picks kernels by batch shape, and padding changes the shape. Bounds
+    # chosen, not measured (no GPU here): graph vs eager 1e-3; against each request alone
+    # through Engine.sample (the whole-loop graph), the fp16 bench rows' 2e-2.
     for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=ATOL * 50, rtol=0)  # fp16 UNet
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+    for r, latents in zip(requests(), results[0]):
+        torch.testing.assert_close(latents, graphed.sample(**r), atol=2e-2, rtol=0)
 
 
 def test_the_captured_model_step_has_no_host_sync(eng):
