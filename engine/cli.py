@@ -26,6 +26,11 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour factor for viewing small images")
     p.add_argument("--device", default=None)
+    p.add_argument("--image", default=None, metavar="IN.png",
+                   help="image-to-image: start from this image (its size sets the output's)")
+    p.add_argument("--strength", type=float, default=0.8,
+                   help="with --image: how much to change it, in (0, 1]; the last "
+                        "int(steps * strength) steps run")
     add_lora_argument(p)
     p.set_defaults(func=run_generate)
 
@@ -47,20 +52,37 @@ def run_generate(args) -> int:
     if changes:
         eng.config = eng.config.replace(**changes)
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
-    with tqdm(total=args.steps, desc="sampling", unit="step") as bar:
+    source = read_image(args.image) if args.image else None
+    steps = min(int(args.steps * args.strength), args.steps) if source is not None else args.steps
+    with tqdm(total=steps, desc="sampling", unit="step") as bar:
         images = eng.run(prompt=args.prompt, negative_prompt=args.negative_prompt,
                          num_inference_steps=args.steps, guidance_scale=args.guidance,
                          guidance_rescale=args.rescale, eta=args.eta, generator=generators,
                          height=args.height, width=args.width, num_images_per_prompt=args.num_images,
+                         image=source, strength=args.strength,
                          callback=lambda i: bar.update(1)).images
     for path, image in zip(_output_paths(Path(args.output), len(images)), images):
         if args.upscale > 1:
             image = image.resize((image.width * args.upscale, image.height * args.upscale), 0)
         image.save(path)
         print(f"wrote {path} ({image.width}x{image.height})")
+    ran = f"{steps} of {args.steps} steps (strength {args.strength})" if source else f"{steps} steps"
     print(f"{len(images)} image(s) in {time.perf_counter() - start:.1f} s with {eng.config.sampler}, "
-          f"{eng.config.timestep_spacing} spacing, {args.steps} steps")
+          f"{eng.config.timestep_spacing} spacing, {ran}")
     return 0
+
+
+def read_image(path: str):
+    """The RGB image at path (PNG, JPEG, ... as PIL reads them), or an error naming the path."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .errors import InvalidInputError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError) as err:
+        raise InvalidInputError(f"--image {path!r}: {err}; expected an image file") from err
 
 
 def _output_paths(path: Path, n: int) -> list[Path]:

@@ -5,7 +5,7 @@ import torch
 
 from lumen import kernels
 
-from . import samplers
+from . import images, samplers
 from .config import SamplerConfig
 from .errors import BackendUnavailableError, InvalidInputError, InvalidTypeError
 from .graphs import GraphCache, GraphKey, graph_runner, resolve_mode
@@ -163,8 +163,15 @@ class Engine:
             eta: float = 0.0, generator=None, latents=None, height=None, width=None,
             num_images_per_prompt: int = 1, output_type: str = "pil", callback=None,
             pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, clip_skip=None,
-            original_size=None, crops_coords_top_left=None, target_size=None):
+            original_size=None, crops_coords_top_left=None, target_size=None, image=None,
+            strength: float = 0.8):
         """Generate images; the result has `.images` as in diffusers pipelines.
+
+        image (image-to-image, diffusers' img2img conventions): PIL image(s), numpy HWC arrays or
+        [N, 3, H, W] tensors in [0, 1], one per image or one for all; the run is the last
+        int(num_inference_steps * strength) steps of the plan, started from the image's latents
+        noised to the first of them (strength 1: pure noise at zero terminal SNR). Image i
+        draws its VAE posterior sample, then its noise, from generator i.
 
         callback(i), if given, is called on the host after step i (it must not sync the device);
         with a CUDA graph the loop is one replay, so the calls come after it, in order.
@@ -177,7 +184,7 @@ class Engine:
                                num_inference_steps, guidance_scale, guidance_rescale, eta,
                                generator, latents, height, width, num_images_per_prompt,
                                pooled_prompt_embeds, negative_pooled_prompt_embeds, clip_skip,
-                               original_size, crops_coords_top_left, target_size)
+                               original_size, crops_coords_top_left, target_size, image, strength)
         x0 = self.sample(**request, callback=callback)
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
@@ -189,10 +196,14 @@ class Engine:
                 generator=None, latents=None, height=None, width=None,
                 num_images_per_prompt: int = 1, pooled_prompt_embeds=None,
                 negative_pooled_prompt_embeds=None, clip_skip=None, original_size=None,
-                crops_coords_top_left=None, target_size=None) -> dict:
+                crops_coords_top_left=None, target_size=None, image=None,
+                strength: float = 0.8) -> dict:
         """`sample`'s inputs for a request (run's arguments), checked and on the device."""
         self._check_scalars(num_inference_steps, guidance_scale, guidance_rescale, eta,
                             num_images_per_prompt)
+        start, pixels = self._check_image(image, strength, num_inference_steps, latents)
+        if pixels is not None:  # the image sets the size
+            height, width = self._image_size(pixels, height, width)
         cfg = guidance_scale != 1  # w = 1 is the conditional output alone: skip the negative batch
         text = embed_prompts(self.components, prompt, negative_prompt, prompt_embeds,
                              negative_prompt_embeds, num_images_per_prompt, cfg,
@@ -204,12 +215,18 @@ class Engine:
                                    text.pos.shape[0] // num_images_per_prompt, num_images_per_prompt,
                                    cfg, time_ids(shape[2] * f, shape[3] * f, *sizes),
                                    sizes_given=any(v is not None for v in sizes))
-        plan = samplers.make_plan(self.config, num_inference_steps, eta)
+        plan = samplers.make_plan(self.config, num_inference_steps, eta, start)
+        x0_image = None
+        if pixels is not None:  # drawn first: each image's posterior sample, then its noise
+            x0_image = self._encode_image(pixels, shape, generator)
         x_T, noise = draw_noise(generator, shape, plan, self.device, latents)
+        dp = plan.to(self.device)
+        if x0_image is not None:  # the noised image at the first listed point; a = 0: pure noise
+            x_T = dp.a_start * x0_image + dp.s_start * x_T
         pos = text.pos.to(self.device, self.dtype)
         emb = torch.cat([text.neg.to(self.device, self.dtype), pos]) if cfg else pos  # [negative, positive]
         scalars = torch.tensor([guidance_scale, guidance_rescale], dtype=torch.float32).to(self.device)
-        return dict(emb=emb, x_T=x_T, noise=noise, dp=plan.to(self.device), w=scalars[0],
+        return dict(emb=emb, x_T=x_T, noise=noise, dp=dp, w=scalars[0],
                     phi=scalars[1], cfg=cfg,
                     added={k: v.to(self.device, self.dtype) for k, v in added.items()})
 
@@ -302,6 +319,50 @@ class Engine:
                                     "and Euler ancestral's (expected 0 here); use "
                                     "SamplerConfig.s_churn for EDM samplers")
         check_int("num_images_per_prompt", num_images, 1)
+
+    def _check_image(self, image, strength, steps: int, latents) -> tuple[int, torch.Tensor | None]:
+        """(first step of the plan that runs, pixels [N, 3, H, W]) of an image-to-image request."""
+        if image is None:
+            return 0, None
+        check_real("strength", strength, 0.0, 1.0, low_open=True)
+        if latents is not None:
+            raise InvalidInputError("latents with image; expected one of them: image-to-image "
+                                    "draws its start from the image and the generator")
+        if self.components.initial_step is not None:
+            raise InvalidInputError("image with an initial-step model; SingDiffusion's predictor "
+                                    "replaces only the pure-noise start of text-to-image")
+        run = min(int(steps * strength), steps)
+        if run < 1:
+            raise InvalidInputError(f"strength={strength} with num_inference_steps={steps}: "
+                                    f"int({steps} * {strength}) = 0 steps would run; expected "
+                                    f"strength >= {1 / steps:.3g} or more steps")
+        return steps - run, images.pixels(image)
+
+    def _image_size(self, pixels: torch.Tensor, height, width) -> tuple[int, int]:
+        """(height, width) of an image-to-image run: the image's; a different size is refused."""
+        size = tuple(pixels.shape[2:])
+        for name, value, own in (("height", height, size[0]), ("width", width, size[1])):
+            if value is not None and value != own:
+                raise InvalidInputError(f"{name}={value} with an image of {size[0]}x{size[1]} "
+                                        "(height x width); expected the image's size (Lumen "
+                                        "does not resize)")
+        return size
+
+    def _encode_image(self, pixels: torch.Tensor, shape: tuple, generator) -> torch.Tensor:
+        """x0 [N, C, h, w] of the image(s), one per image of the request (one image is shared)."""
+        n = shape[0]
+        if pixels.shape[0] not in (1, n):
+            raise InvalidInputError(f"{pixels.shape[0]} images for {n} outputs (prompts x "
+                                    "num_images_per_prompt); expected 1 or one per output")
+        generators = generator if isinstance(generator, (list, tuple)) else [generator] * n
+        if len(generators) != n:
+            raise InvalidInputError(f"{len(generators)} generators for {n} images; expected one per image")
+        x0 = images.encode(pixels.expand(n, -1, -1, -1), self.components, generators,
+                           self.device, self.dtype)
+        if tuple(x0.shape) != tuple(shape):
+            raise InvalidInputError(f"the image encodes to {tuple(x0.shape[1:])}; the UNet takes "
+                                    f"{tuple(shape[1:])} (in_channels, height/f, width/f)")
+        return x0
 
     def _latent_shape(self, batch: int, height, width, latents=None) -> tuple:
         """[N, C, h, w] of the request; without height/width, given latents set the size (as in

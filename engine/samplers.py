@@ -166,7 +166,7 @@ def sample_dpmpp_2m(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Ten
 
 
 def plan_edm(t: torch.Tensor, abar: torch.Tensor, config: SamplerConfig, abar_train: torch.Tensor,
-             second_order: bool) -> Plan:
+             second_order: bool, total_steps: int | None = None) -> Plan:
     """Karras et al. Algorithm 2 (Heun, or Euler without the corrector), churn included.
 
     coef[i] = (churn weight of x, churn weight of z, a_p, s_p, corrector weight of x_hat,
@@ -174,7 +174,7 @@ def plan_edm(t: torch.Tensor, abar: torch.Tensor, config: SamplerConfig, abar_tr
     """
     sigma = schedules.sigmas_from_abar(abar)  # [S+1], last is 0
     S = len(t)
-    gamma_max = min(config.s_churn / S, math.sqrt(2) - 1)
+    gamma_max = min(config.s_churn / (total_steps or S), math.sqrt(2) - 1)
     in_band = (sigma[:-1] >= config.s_tmin) & (sigma[:-1] <= config.s_tmax) & torch.isfinite(sigma[:-1])
     gamma = torch.where(in_band, torch.tensor(gamma_max, dtype=_F64), torch.zeros((), dtype=_F64))
     sig_hat = sigma[:-1] * (1 + gamma)
@@ -221,16 +221,23 @@ def sample_edm(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor |
     return x
 
 
-def make_plan(config: SamplerConfig, num_steps: int, eta: float = 0.0) -> Plan:
-    """The plan of `config.sampler` for num_steps steps (eta: DDIM's or Euler ancestral's)."""
+def make_plan(config: SamplerConfig, num_steps: int, eta: float = 0.0, start: int = 0) -> Plan:
+    """The plan of `config.sampler` for num_steps steps (eta: DDIM's or Euler ancestral's).
+
+    start > 0: only the steps from `start` on (image-to-image runs the last steps of the
+    schedule, as diffusers' img2img pipelines do); the coefficients are built for those steps,
+    so a multistep sampler starts first order there, and EDM's churn still divides s_churn by
+    num_steps."""
     t, abar = step_schedule(config, num_steps)
+    t, abar = t[start:], abar[start:]
     if config.sampler == "ddim":
         return plan_ddim(t, abar, eta)
     if config.sampler == "euler_ancestral":
         return plan_euler_ancestral(t, abar, eta)
     if config.sampler == "dpmpp_2m":
         return plan_dpmpp_2m(t, abar)
-    return plan_edm(t, abar, config, config.train_abar(), second_order=config.sampler == "heun")
+    return plan_edm(t, abar, config, config.train_abar(), second_order=config.sampler == "heun",
+                    total_steps=num_steps)
 
 
 DDIM_FORM = ("ddim", "euler_ancestral")  # x_p = coef[0]*x0 + coef[1]*eps + coef[2]*z

@@ -34,3 +34,23 @@ def test_brightness_bins_split_at_thirds():
 
     fractions = bin_fractions(torch.tensor([0.0, 0.2, 0.5, 0.5, 0.9, 1.0, 0.34, 0.66]))
     assert fractions == pytest.approx({"dark": 0.25, "medium": 0.5, "bright": 0.25})
+
+
+def test_generate_from_an_image_keeps_some_of_it_at_half_strength(tmp_path, capsys):
+    """The README's image-to-image command on the built-in model: a white input shows through
+    the black background at strength 0.5, and not at all at 1.0."""
+    white = tmp_path / "white.png"
+    PIL.Image.new("RGB", (32, 32), (255, 255, 255)).save(white)
+    prompt = "a red circle on a solid black background"
+    means = {}
+    for strength in ("0.5", "1.0"):
+        out = tmp_path / f"s{strength}.png"
+        assert main(["generate", prompt, "--image", str(white), "--strength", strength,
+                     "-o", str(out)]) == 0
+        with PIL.Image.open(out) as image:
+            corner = image.crop((0, 0, 6, 6)).convert("L")  # background, away from the shape
+            means[strength] = sum(corner.getdata()) / 36
+    assert means["0.5"] > 100 > 50 > means["1.0"]  # grey-white kept vs the prompt's black
+    assert "12 of 25 steps (strength 0.5)" in capsys.readouterr().out
+    assert main(["generate", prompt, "--image", str(tmp_path / "none.png")]) == 2
+    assert "--image" in capsys.readouterr().err
