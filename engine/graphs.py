@@ -51,6 +51,7 @@ class GraphKey:
     prediction_type: str = "v_prediction"  # the model-output conversion inside the loop
     kernels: str = "reference"  # the step implementation captured: "triton" or "reference"
     initial_step: bool = False  # a SingDiffusion hand-over runs before the loop
+    inpaint: str = ""  # "concat": a 9-channel UNet's extra inputs; "blend": the kept region
 
 
 @dataclass
@@ -64,27 +65,30 @@ class StaticInputs:
     phi: torch.Tensor  # 0-dim fp32 guidance rescale
     plan: DevicePlan  # timesteps, a, s, coef, a_start, s_start as device tensors
     added: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL text_embeds, time_ids
+    inpaint: dict[str, torch.Tensor] = field(default_factory=dict)  # mask, kept latents
 
     @classmethod
-    def like(cls, emb, x_T, noise, w, phi, plan: DevicePlan, added) -> "StaticInputs":
+    def like(cls, emb, x_T, noise, w, phi, plan: DevicePlan, added, inpaint=None) -> "StaticInputs":
         """Fresh buffers with the request's values (allocated outside any capture)."""
         def copy(t):
             return None if t is None else t.detach().clone(memory_format=torch.contiguous_format)
         tensors = {name: copy(getattr(plan, name)) for name in PLAN_TENSORS}
         return cls(copy(emb), copy(x_T), copy(noise), copy(w), copy(phi),
-                   DevicePlan(plan.plan, **tensors), {k: copy(v) for k, v in added.items()})
+                   DevicePlan(plan.plan, **tensors), {k: copy(v) for k, v in added.items()},
+                   {k: copy(v) for k, v in (inpaint or {}).items()})
 
-    def load(self, emb, x_T, noise, w, phi, plan: DevicePlan, added) -> None:
+    def load(self, emb, x_T, noise, w, phi, plan: DevicePlan, added, inpaint=None) -> None:
         """Copy one request's values in (device-to-device, on the current stream)."""
         pairs = [(self.emb, emb), (self.x_T, x_T), (self.noise, noise), (self.w, w),
                  (self.phi, phi)] + [(getattr(self.plan, n), getattr(plan, n)) for n in PLAN_TENSORS]
         pairs += [(self.added[k], v) for k, v in added.items()]
+        pairs += [(self.inpaint[k], v) for k, v in (inpaint or {}).items()]
         for static, value in pairs:
             if static is not None:  # noise is None in both or in neither: it is part of the key
                 static.copy_(value)
 
     def args(self):
-        return self.emb, self.x_T, self.noise, self.plan, self.w, self.phi, self.added
+        return self.emb, self.x_T, self.noise, self.plan, self.w, self.phi, self.added, self.inpaint
 
     @property
     def device(self) -> torch.device:
@@ -166,14 +170,14 @@ class GraphCache:
             self._pool = None
 
     def run(self, key: GraphKey, make_loop: Callable[[], Callable[..., torch.Tensor]], emb, x_T,
-            noise, plan, w, phi, added) -> torch.Tensor:
-        """loop(emb, x_T, noise, plan, w, phi, added)'s result, from a replay of key's graph.
+            noise, plan, w, phi, added, inpaint=None) -> torch.Tensor:
+        """loop(emb, x_T, noise, plan, w, phi, added, inpaint)'s result, from a replay of key's graph.
 
         make_loop() gives the loop to capture; it is called only when key is not cached.
         """
         return self.replay(key, make_loop,
-                           lambda: StaticInputs.like(emb, x_T, noise, w, phi, plan, added),
-                           lambda inputs: inputs.load(emb, x_T, noise, w, phi, plan, added),
+                           lambda: StaticInputs.like(emb, x_T, noise, w, phi, plan, added, inpaint),
+                           lambda inputs: inputs.load(emb, x_T, noise, w, phi, plan, added, inpaint),
                            x_T.device)
 
     def replay(self, key, make_fn: Callable, new_inputs: Callable, load: Callable, device):
@@ -242,6 +246,11 @@ class GraphCache:
             self.evictions += 1
         log.info("captured %s in %.2f s", key, entry.capture_s)
         return entry
+
+
+def inpaint_kind(inpaint: dict) -> str:
+    """GraphKey.inpaint of a request's inpainting inputs: "", "concat" or "blend"."""
+    return "concat" if "cond" in inpaint else "blend" if "mask" in inpaint else ""
 
 
 def graph_runner(runner):

@@ -61,18 +61,155 @@ def one_image(item, i: int) -> torch.Tensor:
     return item.detach().float().cpu()
 
 
-def encode(images: torch.Tensor, components, generators: list, device, dtype) -> torch.Tensor:
-    """x0 [N, C, h, w] fp32 of pixels [N, 3, H, W] in [0, 1]: image i's VAE posterior sampled
-    with generator i (scaled as diffusers scales it), or the pixels in [-1, 1] without a VAE."""
+def encode(images: torch.Tensor, components, generators: list, device, dtype,
+           signed: bool = False) -> torch.Tensor:
+    """x0 [N, C, h, w] fp32 of pixels [N, 3, H, W] in [0, 1] ([-1, 1] when signed): image i's VAE
+    posterior sampled with generator i (scaled as diffusers scales it), or the pixels in [-1, 1]
+    without a VAE."""
+    images = images if signed else images * 2 - 1
     vae = components.vae
     if vae is None:
-        return (images * 2 - 1).to(device)
+        return images.to(device)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     out = []
     for i, g in enumerate(generators):
-        x = (images[i:i + 1] * 2 - 1).to(device, components.vae_dtype(dtype))
+        x = images[i:i + 1].to(device, components.vae_dtype(dtype))
         with torch.inference_mode():
             dist = vae.encode(x).latent_dist
             z = dist.sample(generator=g)  # drawn where g lives, as diffusers' randn_tensor
         out.append(((z.float() - shift) * vae.config.scaling_factor))
     return torch.cat(out)
+
+
+def mask_pixels(mask_image, size: tuple[int, int]) -> torch.Tensor:
+    """[N, 1, H, W] fp32 in {0, 1} (1 repaints, 0 keeps): grayscale, binarised at 0.5 as
+    diffusers' mask processor does; the size must be the image's."""
+    from PIL import Image
+
+    items = mask_image if isinstance(mask_image, (list, tuple)) else [mask_image]
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, Image.Image):
+            item = np.asarray(item.convert("L"), dtype=np.float32) / 255.0
+        if isinstance(item, np.ndarray):
+            if item.dtype == np.uint8:
+                item = item.astype(np.float32) / 255.0
+            item = torch.from_numpy(np.ascontiguousarray(item))
+            item = item[None, None] if item.ndim == 2 else item.permute(2, 0, 1)[None, :1] \
+                if item.ndim == 3 else item
+        if not isinstance(item, torch.Tensor) or not item.is_floating_point():
+            raise InvalidTypeError(f"mask_image[{i}] of type {type(item).__name__}; expected a "
+                                   "PIL image, a numpy array or a float torch.Tensor")
+        if item.ndim == 3:
+            item = item[None]
+        if item.ndim != 4 or item.shape[1] != 1:
+            raise InvalidInputError(f"mask_image[{i}] of shape {tuple(item.shape)}; expected "
+                                    "[N, 1, H, W] (or a grayscale image)")
+        out.append(item.detach().float().cpu())
+    mask = torch.cat(out)
+    if tuple(mask.shape[2:]) != tuple(size):
+        raise InvalidInputError(f"mask_image of size {tuple(mask.shape[2:])} (height, width); "
+                                f"expected the image's {tuple(size)}")
+    if not bool(torch.isfinite(mask).all()):
+        raise InvalidInputError("mask_image contains NaN or inf; expected values in [0, 1]")
+    return (mask >= 0.5).float()
+
+
+def latent_mask(mask: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """The pixel mask at the latent size [N, 1, h, w] (nearest, as diffusers' inpaint pipeline)."""
+    return torch.nn.functional.interpolate(mask, size=tuple(shape[2:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# A request's image inputs (Engine.prepare)
+
+
+def check(engine, image, strength, steps: int, latents) -> tuple[int, torch.Tensor | None]:
+    """(first step of the plan that runs, pixels [N, 3, H, W]) of an image request, or (0, None)."""
+    from .validation import check_real
+
+    if image is None:
+        return 0, None
+    check_real("strength", strength, 0.0, 1.0, low_open=True)
+    if latents is not None:
+        raise InvalidInputError("latents with image; expected one of them: image-to-image "
+                                "draws its start from the image and the generator")
+    if engine.components.initial_step is not None:
+        raise InvalidInputError("image with an initial-step model; SingDiffusion's predictor "
+                                "replaces only the pure-noise start of text-to-image")
+    run = min(int(steps * strength), steps)
+    if run < 1:
+        raise InvalidInputError(f"strength={strength} with num_inference_steps={steps}: "
+                                f"int({steps} * {strength}) = 0 steps would run; expected "
+                                f"strength >= {1 / steps:.3g} or more steps")
+    return steps - run, pixels(image)
+
+
+def size(images: torch.Tensor, height, width) -> tuple[int, int]:
+    """(height, width) of an image request: the image's; a different size is refused."""
+    own = tuple(images.shape[2:])
+    for name, value, side in (("height", height, own[0]), ("width", width, own[1])):
+        if value is not None and value != side:
+            raise InvalidInputError(f"{name}={value} with an image of {own[0]}x{own[1]} (height x "
+                                    "width); expected the image's size (Lumen does not resize)")
+    return own
+
+
+def start(engine, images: torch.Tensor, mask_image, strength: float, shape: tuple, generator,
+          plan, dp, cfg: bool) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """(x_T, step noise, inpaint inputs) of an image request, drawn in diffusers' order.
+
+    Per image i, from generator i: the image's posterior sample (always for image-to-image and
+    for a 4-channel inpaint, whose kept region needs it; for a 9-channel inpaint only below
+    strength 1), then the start noise, then (inpainting) the masked image's posterior sample,
+    then any step noise. Image-to-image starts from the image noised to the first listed point;
+    inpainting at strength 1 starts from pure noise, as diffusers' inpaint pipeline does.
+    """
+    from .runtime import draw_noise
+
+    n, device = shape[0], engine.device
+    if images.shape[0] not in (1, n):
+        raise InvalidInputError(f"{images.shape[0]} images for {n} outputs (prompts x "
+                                "num_images_per_prompt); expected 1 or one per output")
+    generators = generator if isinstance(generator, (list, tuple)) else [generator] * n
+    if len(generators) != n:
+        raise InvalidInputError(f"{len(generators)} generators for {n} images; expected one per image")
+    images = images.expand(n, -1, -1, -1)
+    concat = engine.components.unet.config.in_channels == 9
+    mask = None if mask_image is None else mask_pixels(mask_image, tuple(images.shape[2:]))
+    if mask is not None and mask.shape[0] not in (1, n):
+        raise InvalidInputError(f"{mask.shape[0]} masks for {n} outputs; expected 1 or one per output")
+    if concat and mask is None:
+        raise InvalidInputError("an inpainting UNet (in_channels=9) without mask_image; expected "
+                                "mask_image (white repaints, black keeps)")
+    latent_shape = (n, 4, *shape[2:]) if concat else shape
+    x0 = None
+    if not (concat and strength == 1.0):
+        x0 = checked(encode(images, engine.components, generators, device, engine.dtype), latent_shape)
+    masked = []
+    between = None
+    if mask is not None:
+        mask = mask.expand(n, -1, -1, -1)
+        kept = (images * 2 - 1) * (mask < 0.5)  # diffusers: the image in [-1, 1] where kept, 0 elsewhere
+
+        def between(i, g):
+            masked.append(encode(kept[i:i + 1], engine.components, [g], device, engine.dtype,
+                                 signed=True))
+    x_T, noise = draw_noise(generator, latent_shape, plan, device, None, between)
+    eps = x_T
+    if x0 is not None and not (mask is not None and strength == 1.0):
+        x_T = dp.a_start * x0 + dp.s_start * x_T  # the noised image; a = 0 gives eps exactly
+    if mask is None:
+        return x_T, noise, {}
+    m = latent_mask(mask, shape).to(device)
+    if concat:
+        cond = torch.cat([m, torch.cat(masked)], dim=1).to(engine.dtype)
+        return x_T, noise, {"cond": torch.cat([cond, cond]) if cfg else cond}
+    return x_T, noise, {"mask": m, "x0": x0, "eps": eps}
+
+
+def checked(x0: torch.Tensor, shape: tuple) -> torch.Tensor:
+    if tuple(x0.shape) != tuple(shape):
+        raise InvalidInputError(f"the image encodes to {tuple(x0.shape[1:])}; the UNet takes "
+                                f"{tuple(shape[1:])} (channels, height/f, width/f)")
+    return x0

@@ -1,4 +1,5 @@
 """The public API: `engine.build(model, ...)` returns an Engine; `Engine.run(...)` makes images."""
+import dataclasses
 import math
 
 import torch
@@ -8,7 +9,7 @@ from lumen import kernels
 from . import images, samplers
 from .config import SamplerConfig
 from .errors import BackendUnavailableError, InvalidInputError, InvalidTypeError
-from .graphs import GraphCache, GraphKey, graph_runner, resolve_mode
+from .graphs import GraphCache, GraphKey, graph_runner, inpaint_kind, resolve_mode
 from .models import Components, load_components
 from .output import OUTPUT_TYPES, decode, set_vae_options
 from .prompts import added_conditioning, embed_prompts, time_ids
@@ -164,7 +165,7 @@ class Engine:
             num_images_per_prompt: int = 1, output_type: str = "pil", callback=None,
             pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, clip_skip=None,
             original_size=None, crops_coords_top_left=None, target_size=None, image=None,
-            strength: float = 0.8):
+            strength: float = 0.8, mask_image=None):
         """Generate images; the result has `.images` as in diffusers pipelines.
 
         image (image-to-image, diffusers' img2img conventions): PIL image(s), numpy HWC arrays or
@@ -172,6 +173,9 @@ class Engine:
         int(num_inference_steps * strength) steps of the plan, started from the image's latents
         noised to the first of them (strength 1: pure noise at zero terminal SNR). Image i
         draws its VAE posterior sample, then its noise, from generator i.
+        mask_image (inpainting, with image; white repaints, black keeps), as diffusers'
+        inpaint pipeline: a 9-channel inpainting UNet sees [latents, mask, masked-image
+        latents]; any other model's kept region follows the image, noised to each step's level.
 
         callback(i), if given, is called on the host after step i (it must not sync the device);
         with a CUDA graph the loop is one replay, so the calls come after it, in order.
@@ -184,7 +188,8 @@ class Engine:
                                num_inference_steps, guidance_scale, guidance_rescale, eta,
                                generator, latents, height, width, num_images_per_prompt,
                                pooled_prompt_embeds, negative_pooled_prompt_embeds, clip_skip,
-                               original_size, crops_coords_top_left, target_size, image, strength)
+                               original_size, crops_coords_top_left, target_size, image, strength,
+                               mask_image)
         x0 = self.sample(**request, callback=callback)
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
@@ -197,13 +202,16 @@ class Engine:
                 num_images_per_prompt: int = 1, pooled_prompt_embeds=None,
                 negative_pooled_prompt_embeds=None, clip_skip=None, original_size=None,
                 crops_coords_top_left=None, target_size=None, image=None,
-                strength: float = 0.8) -> dict:
+                strength: float = 0.8, mask_image=None) -> dict:
         """`sample`'s inputs for a request (run's arguments), checked and on the device."""
         self._check_scalars(num_inference_steps, guidance_scale, guidance_rescale, eta,
                             num_images_per_prompt)
-        start, pixels = self._check_image(image, strength, num_inference_steps, latents)
+        if self.components.unet.config.in_channels == 9 and mask_image is None:
+            raise InvalidInputError("an inpainting UNet (in_channels=9) takes image and mask_image "
+                                    "(white repaints, black keeps); expected both")
+        start, pixels = images.check(self, image, strength, num_inference_steps, latents)
         if pixels is not None:  # the image sets the size
-            height, width = self._image_size(pixels, height, width)
+            height, width = images.size(pixels, height, width)
         cfg = guidance_scale != 1  # w = 1 is the conditional output alone: skip the negative batch
         text = embed_prompts(self.components, prompt, negative_prompt, prompt_embeds,
                              negative_prompt_embeds, num_images_per_prompt, cfg,
@@ -216,28 +224,33 @@ class Engine:
                                    cfg, time_ids(shape[2] * f, shape[3] * f, *sizes),
                                    sizes_given=any(v is not None for v in sizes))
         plan = samplers.make_plan(self.config, num_inference_steps, eta, start)
-        x0_image = None
-        if pixels is not None:  # drawn first: each image's posterior sample, then its noise
-            x0_image = self._encode_image(pixels, shape, generator)
-        x_T, noise = draw_noise(generator, shape, plan, self.device, latents)
         dp = plan.to(self.device)
-        if x0_image is not None:  # the noised image at the first listed point; a = 0: pure noise
-            x_T = dp.a_start * x0_image + dp.s_start * x_T
+        if pixels is None:
+            if mask_image is not None:
+                raise InvalidInputError("mask_image without image; expected the image to inpaint")
+            x_T, noise = draw_noise(generator, shape, plan, self.device, latents)
+            inpaint = {}
+        else:
+            x_T, noise, inpaint = images.start(self, pixels, mask_image, strength, shape,
+                                               generator, plan, dp, cfg)
         pos = text.pos.to(self.device, self.dtype)
         emb = torch.cat([text.neg.to(self.device, self.dtype), pos]) if cfg else pos  # [negative, positive]
         scalars = torch.tensor([guidance_scale, guidance_rescale], dtype=torch.float32).to(self.device)
         return dict(emb=emb, x_T=x_T, noise=noise, dp=dp, w=scalars[0],
                     phi=scalars[1], cfg=cfg,
-                    added={k: v.to(self.device, self.dtype) for k, v in added.items()})
+                    added={k: v.to(self.device, self.dtype) for k, v in added.items()},
+                    inpaint=inpaint)
 
     def sample(self, emb, x_T, noise, dp: samplers.DevicePlan, w: torch.Tensor, phi: torch.Tensor,
-               cfg: bool, callback=None, added: dict | None = None) -> torch.Tensor:
+               cfg: bool, callback=None, added: dict | None = None,
+               inpaint: dict | None = None) -> torch.Tensor:
         """x0 [N, C, h, w] fp32 from `loop`, replayed from a captured graph when cuda_graph is on."""
-        added = added or {}
+        added, inpaint = added or {}, inpaint or {}
         if not self.cuda_graph:
-            return self.loop(emb, x_T, noise, dp, w, phi, added, cfg, callback)
-        x0 = self.graphs.run(self.graph_key(emb, x_T, dp, cfg), lambda: self._graph_loop(cfg),
-                             emb, x_T, noise, dp, w, phi, added)
+            return self.loop(emb, x_T, noise, dp, w, phi, added, cfg, callback, inpaint=inpaint)
+        key = dataclasses.replace(self.graph_key(emb, x_T, dp, cfg), inpaint=inpaint_kind(inpaint))
+        x0 = self.graphs.run(key, lambda: self._graph_loop(cfg), emb, x_T, noise, dp, w, phi,
+                             added, inpaint)
         for i in range(dp.plan.num_steps):
             samplers.notify(callback, i)
         return x0
@@ -259,13 +272,14 @@ class Engine:
         """The loop to capture for one key; a runner that needs per-graph state gets its own."""
         runner = graph_runner(self.runner)
 
-        def loop(emb, x_T, noise, dp, w, phi, added):
-            return self.loop(emb, x_T, noise, dp, w, phi, added, cfg, runner=runner)
+        def loop(emb, x_T, noise, dp, w, phi, added, inpaint):
+            return self.loop(emb, x_T, noise, dp, w, phi, added, cfg, runner=runner, inpaint=inpaint)
         return loop
 
     @torch.inference_mode()
     def loop(self, emb, x_T, noise, dp: samplers.DevicePlan, w: torch.Tensor, phi: torch.Tensor,
-             added: dict, cfg: bool, callback=None, runner=None) -> torch.Tensor:
+             added: dict, cfg: bool, callback=None, runner=None,
+             inpaint: dict | None = None) -> torch.Tensor:
         """The sampling loop from x_T to x0 (fp32); every input is already on the device.
 
         emb: [2N or N, L, D] ([negative, positive] when cfg); x_T: [N, C, h, w];
@@ -273,14 +287,21 @@ class Engine:
         [2N or N, ...]. With the torch and TensorRT backends no host sync and no host-to-device
         copy happen inside, so a CUDA graph captures the call whole (onnxruntime runs on its
         own stream and syncs once per UNet call). runner: the UNet runner to use (default the
-        engine's; a captured graph may hold its own).
+        engine's; a captured graph may hold its own). inpaint: {"cond": [2N or N, 5, h, w]} (mask
+        and masked-image latents a 9-channel UNet sees beside x), or {"mask", "x0", "eps"}
+        [N, ., h, w] (the kept region of any other model follows x0 noised with eps), or {}.
         """
         prediction_type, dtype = self.config.prediction_type, self.dtype
         runner = runner if runner is not None else self.runner
+        inpaint = inpaint or {}
+        cond = inpaint.get("cond")
 
         def model_output(x, k):  # x: [N, C, h, w] fp32 -> m: [2N or N, C, h, w], model dtype
             x_in = x.to(dtype)
-            return runner(torch.cat([x_in, x_in]) if cfg else x_in, dp.timesteps[k], emb, **added)
+            rows = torch.cat([x_in, x_in]) if cfg else x_in
+            if cond is not None:  # a 9-channel inpainting UNet: [latents, mask, masked image]
+                rows = torch.cat([rows, cond], dim=1)
+            return runner(rows, dp.timesteps[k], emb, **added)
 
         def denoise(x, k):  # -> (x0, eps) fp32: CFG + rescale + conversion, fused on CUDA
             return kernels.guided_x0_eps(model_output(x, k), x, dp.a[k], dp.s[k], w, phi,
@@ -290,9 +311,15 @@ class Engine:
             return kernels.guided_step(model_output(x, i), x, z, dp.a[i], dp.s[i], dp.coef[i], w, phi,
                                        prediction_type, cfg)
 
+        keep = None
+        if "mask" in inpaint:
+            m, x0_image, eps = inpaint["mask"], inpaint["x0"], inpaint["eps"]
+
+            def keep(x, i):  # the kept region: the image noised to where step i landed
+                return (1 - m) * (dp.a_land[i] * x0_image + dp.s_land[i] * eps) + m * x
         if self.components.initial_step is not None:
             x_T = self.hand_over(x_T, emb, w, cfg, dp)
-        return samplers.sample(denoise, x_T, dp, noise, callback, ddim_step)
+        return samplers.sample(denoise, x_T, dp, noise, callback, ddim_step, keep)
 
     def hand_over(self, x_T, emb, w, cfg: bool, dp: samplers.DevicePlan) -> torch.Tensor:
         """SingDiffusion: x at the first listed timestep = a*x0_hat + s*x_T.
@@ -320,50 +347,6 @@ class Engine:
                                     "SamplerConfig.s_churn for EDM samplers")
         check_int("num_images_per_prompt", num_images, 1)
 
-    def _check_image(self, image, strength, steps: int, latents) -> tuple[int, torch.Tensor | None]:
-        """(first step of the plan that runs, pixels [N, 3, H, W]) of an image-to-image request."""
-        if image is None:
-            return 0, None
-        check_real("strength", strength, 0.0, 1.0, low_open=True)
-        if latents is not None:
-            raise InvalidInputError("latents with image; expected one of them: image-to-image "
-                                    "draws its start from the image and the generator")
-        if self.components.initial_step is not None:
-            raise InvalidInputError("image with an initial-step model; SingDiffusion's predictor "
-                                    "replaces only the pure-noise start of text-to-image")
-        run = min(int(steps * strength), steps)
-        if run < 1:
-            raise InvalidInputError(f"strength={strength} with num_inference_steps={steps}: "
-                                    f"int({steps} * {strength}) = 0 steps would run; expected "
-                                    f"strength >= {1 / steps:.3g} or more steps")
-        return steps - run, images.pixels(image)
-
-    def _image_size(self, pixels: torch.Tensor, height, width) -> tuple[int, int]:
-        """(height, width) of an image-to-image run: the image's; a different size is refused."""
-        size = tuple(pixels.shape[2:])
-        for name, value, own in (("height", height, size[0]), ("width", width, size[1])):
-            if value is not None and value != own:
-                raise InvalidInputError(f"{name}={value} with an image of {size[0]}x{size[1]} "
-                                        "(height x width); expected the image's size (Lumen "
-                                        "does not resize)")
-        return size
-
-    def _encode_image(self, pixels: torch.Tensor, shape: tuple, generator) -> torch.Tensor:
-        """x0 [N, C, h, w] of the image(s), one per image of the request (one image is shared)."""
-        n = shape[0]
-        if pixels.shape[0] not in (1, n):
-            raise InvalidInputError(f"{pixels.shape[0]} images for {n} outputs (prompts x "
-                                    "num_images_per_prompt); expected 1 or one per output")
-        generators = generator if isinstance(generator, (list, tuple)) else [generator] * n
-        if len(generators) != n:
-            raise InvalidInputError(f"{len(generators)} generators for {n} images; expected one per image")
-        x0 = images.encode(pixels.expand(n, -1, -1, -1), self.components, generators,
-                           self.device, self.dtype)
-        if tuple(x0.shape) != tuple(shape):
-            raise InvalidInputError(f"the image encodes to {tuple(x0.shape[1:])}; the UNet takes "
-                                    f"{tuple(shape[1:])} (in_channels, height/f, width/f)")
-        return x0
-
     def _latent_shape(self, batch: int, height, width, latents=None) -> tuple:
         """[N, C, h, w] of the request; without height/width, given latents set the size (as in
         diffusers, where they are the start noise), else the UNet's sample_size."""
@@ -380,13 +363,15 @@ class Engine:
         return (batch, config.in_channels, *sizes)
 
 
-def draw_noise(generator, shape: tuple, plan: samplers.Plan, device, latents=None):
+def draw_noise(generator, shape: tuple, plan: samplers.Plan, device, latents=None, between=None):
     """(x_T [N, C, h, w], step noise [N, S, C, h, w] or None) in fp32, drawn sample by sample.
 
     Sample i's draws come only from its generator (or from its turn in the one generator), so a
     seed gives the same image whatever the batch size; with one CPU generator and no step noise
     x_T equals diffusers' `randn_tensor`. Step noise is drawn only when the plan uses it;
-    otherwise it is None, and the loop and kernels leave the noise term out.
+    otherwise it is None, and the loop and kernels leave the noise term out. between(i, g), if
+    given, draws what comes between image i's start noise and its step noise (inpainting's
+    masked-image posterior, in diffusers' order).
     """
     n, S = shape[0], plan.num_steps
     generators = generator if isinstance(generator, (list, tuple)) else [generator] * n
@@ -400,6 +385,8 @@ def draw_noise(generator, shape: tuple, plan: samplers.Plan, device, latents=Non
             raise InvalidTypeError(f"generator of type {type(g).__name__}; expected torch.Generator")
         where = g.device if g is not None else "cpu"  # draw where the generator lives
         x_T.append(torch.randn(shape[1:], generator=g, device=where) if latents is None else latents[i])
+        if between is not None:
+            between(i, g)
         if plan.needs_noise:
             noise.append(torch.randn((S, *shape[1:]), generator=g, device=where))
     x_T = torch.stack([x.to(device, torch.float32) for x in x_T])

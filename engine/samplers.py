@@ -9,6 +9,7 @@ State is the VP latent x_t = a_t*x0 + s_t*eps (a_t = sqrt(abar_t), s_t = sqrt(1 
 `denoise(x, k)` evaluates the model at evaluation point k of the plan and returns (x0, eps).
 After the last listed timestep every sampler lands on abar = 1, where x == x0.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ class Plan:
     coef: torch.Tensor  # [S, K] per-step update coefficients
     abar_start: float  # abar of the first listed timestep (before any churn)
     corrector: tuple[bool, ...] = ()  # heun: per step, whether a second evaluation follows
+    landing: torch.Tensor | None = None  # [S] abar each step lands on (make_plan sets it)
 
     @property
     def num_steps(self) -> int:
@@ -46,8 +48,11 @@ class Plan:
         def put(t):
             return t.to(device=device, dtype=dtype)
         start = torch.tensor([self.abar_start], dtype=torch.float64)
+        land = self.landing
         return DevicePlan(self, put(self.timesteps), put(self.abar.sqrt()), put((1 - self.abar).sqrt()),
-                          put(self.coef), put(start.sqrt())[0], put((1 - start).sqrt())[0])
+                          put(self.coef), put(start.sqrt())[0], put((1 - start).sqrt())[0],
+                          None if land is None else put(land.sqrt()),
+                          None if land is None else put((1 - land).sqrt()))
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,8 @@ class DevicePlan:
     coef: torch.Tensor  # [S, K]
     a_start: torch.Tensor  # 0-dim: sqrt(abar) of the first listed timestep
     s_start: torch.Tensor  # 0-dim: sqrt(1 - abar) of the first listed timestep
+    a_land: torch.Tensor | None = None  # [S] sqrt(abar) each step lands on (1 after the last)
+    s_land: torch.Tensor | None = None  # [S] sqrt(1 - abar) each step lands on
 
 
 def step_schedule(config: SamplerConfig, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +126,7 @@ def plan_euler_ancestral(t: torch.Tensor, abar: torch.Tensor, eta: float) -> Pla
 
 
 def sample_ddim(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor | None,
-                callback=None, step=None) -> torch.Tensor:
+                callback=None, step=None, keep=None) -> torch.Tensor:
     """DDIM (Song et al. eq. 12) in x0 form; noise: [B, S, ...], None when the plan draws none.
 
     step(x, i, z) -> x_p, when given, does denoise and update in one call (kernels.guided_step).
@@ -130,6 +137,7 @@ def sample_ddim(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor 
             x = step(x, i, z)
         else:
             x = ddim_update(*denoise(x, i), z, plan.coef[i])
+        x = x if keep is None else keep(x, i)
         notify(callback, i)
     return x
 
@@ -152,7 +160,7 @@ def plan_dpmpp_2m(t: torch.Tensor, abar: torch.Tensor) -> Plan:
 
 
 def sample_dpmpp_2m(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor | None,
-                    callback=None) -> torch.Tensor:
+                    callback=None, keep=None) -> torch.Tensor:
     """DPM-Solver++(2M): x_p = (s_p/s)*x + a_p*(1 - e^-h)*(blend of the last two x0)."""
     c = plan.coef
     x0_prev = None
@@ -160,6 +168,7 @@ def sample_dpmpp_2m(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Ten
         x0, _ = denoise(x, i)
         x0_prev = x0 if x0_prev is None else x0_prev  # weight 0 on the first step
         x = c[i, 0] * x + c[i, 1] * x0 + c[i, 2] * x0_prev
+        x = x if keep is None else keep(x, i)
         x0_prev = x0
         notify(callback, i)
     return x
@@ -203,7 +212,7 @@ def plan_edm(t: torch.Tensor, abar: torch.Tensor, config: SamplerConfig, abar_tr
 
 
 def sample_edm(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor | None,
-               callback=None) -> torch.Tensor:
+               callback=None, keep=None) -> torch.Tensor:
     """Churn, Euler step in x0 form, Heun correction where the plan has one."""
     c, k = plan.coef, 0
     for i, correct in enumerate(plan.plan.corrector):
@@ -216,7 +225,7 @@ def sample_edm(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor |
             _, eps_next = denoise(x_next, k)
             x_next = c[i, 4] * x + c[i, 5] * (eps + eps_next)
             k += 1
-        x = x_next
+        x = x_next if keep is None else keep(x_next, i)
         notify(callback, i)
     return x
 
@@ -231,13 +240,15 @@ def make_plan(config: SamplerConfig, num_steps: int, eta: float = 0.0, start: in
     t, abar = step_schedule(config, num_steps)
     t, abar = t[start:], abar[start:]
     if config.sampler == "ddim":
-        return plan_ddim(t, abar, eta)
-    if config.sampler == "euler_ancestral":
-        return plan_euler_ancestral(t, abar, eta)
-    if config.sampler == "dpmpp_2m":
-        return plan_dpmpp_2m(t, abar)
-    return plan_edm(t, abar, config, config.train_abar(), second_order=config.sampler == "heun",
-                    total_steps=num_steps)
+        plan = plan_ddim(t, abar, eta)
+    elif config.sampler == "euler_ancestral":
+        plan = plan_euler_ancestral(t, abar, eta)
+    elif config.sampler == "dpmpp_2m":
+        plan = plan_dpmpp_2m(t, abar)
+    else:
+        plan = plan_edm(t, abar, config, config.train_abar(), second_order=config.sampler == "heun",
+                        total_steps=num_steps)
+    return dataclasses.replace(plan, landing=abar[1:])
 
 
 DDIM_FORM = ("ddim", "euler_ancestral")  # x_p = coef[0]*x0 + coef[1]*eps + coef[2]*z
@@ -245,15 +256,16 @@ SAMPLE_FNS = {"dpmpp_2m": sample_dpmpp_2m, "euler": sample_edm, "heun": sample_e
 
 
 def sample(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor | None,
-           callback=None, ddim_step=None) -> torch.Tensor:
+           callback=None, ddim_step=None, keep=None) -> torch.Tensor:
     """Run the plan's sampler from x (x_T) to the clean sample; callback(i) after each step.
 
     ddim_step(x, i, z) -> x_p is the fused denoise + DDIM-form update, which DDIM and Euler
-    ancestral use; other samplers ignore it.
+    ancestral use; other samplers ignore it. keep(x, i) -> x, if given, runs after step i's
+    update (inpainting: the kept region follows the image, noised to where the step landed).
     """
     if plan.plan.sampler in DDIM_FORM:
-        return sample_ddim(denoise, x, plan, noise, callback, ddim_step)
-    return SAMPLE_FNS[plan.plan.sampler](denoise, x, plan, noise, callback)
+        return sample_ddim(denoise, x, plan, noise, callback, ddim_step, keep)
+    return SAMPLE_FNS[plan.plan.sampler](denoise, x, plan, noise, callback, keep)
 
 
 def notify(callback, i: int) -> None:

@@ -19,6 +19,7 @@ import torch
 from lumen import kernels
 
 from . import samplers
+from .errors import InvalidInputError
 from .output import decode
 
 
@@ -61,6 +62,9 @@ class Slot:
 
 def split(engine, request: dict, owner=None) -> list[Slot]:
     """One slot per image of an `Engine.prepare` result (SingDiffusion's hand-over done here)."""
+    if request.get("inpaint"):
+        raise InvalidInputError("mask_image in a scheduled request; the step scheduler runs "
+                                "text-to-image and image-to-image")
     x_T, noise, emb, cfg = request["x_T"], request["noise"], request["emb"], request["cfg"]
     n = x_T.shape[0]
     slots = []
