@@ -158,3 +158,32 @@ def test_bad_image_input_is_refused_naming_the_value(builtin, kwargs, error, mes
     args = dict(image=np.ones((32, 32, 3), dtype=np.float32), strength=0.5, num_inference_steps=10)
     with pytest.raises(error, match=message):
         builtin.run("a red circle on a solid black background", **{**args, **kwargs})
+
+
+@pytest.mark.parametrize("strength", [0.3, 1.0])
+def test_sdxl_base_img2img_and_inpaint_match_diffusers(strength):
+    """StableDiffusionXLImg2ImgPipeline and StableDiffusionXLInpaintPipeline on a tiny SDXL base
+    pipeline (requires_aesthetics_score off: the time ids are text-to-image's). 10 steps: T/S is
+    whole, so diffusers' DDIM, which computes the previous timestep as t - T // S, steps on the
+    listed timesteps as Lumen does (docs/diffusers.md#schedulers)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+
+    from conftest import make_tiny_sdxl_pipeline
+
+    pipe = make_tiny_sdxl_pipeline()
+    g = torch.Generator().manual_seed(9)
+    image = torch.rand(1, 3, 16, 16, generator=g)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 3:11, 5:13] = 1.0
+    eng = engine.build(pipe, scheduler=pipe.scheduler, device="cpu")  # as diffusers steps it
+    for cls, extra in ((StableDiffusionXLImg2ImgPipeline, {}),
+                       (StableDiffusionXLInpaintPipeline, {"mask_image": mask})):
+        sdxl = cls(**pipe.components, requires_aesthetics_score=False)
+        sdxl.set_progress_bar_config(disable=True)
+        theirs = sdxl(PROMPT, negative_prompt=NEGATIVE, image=image, strength=strength,
+                      num_inference_steps=10, guidance_scale=5.0, output_type="latent",
+                      generator=torch.Generator().manual_seed(2), **extra).images
+        ours = eng.run(PROMPT, negative_prompt=NEGATIVE, image=image, strength=strength,
+                       num_inference_steps=10, guidance_scale=5.0, guidance_rescale=0.0,
+                       generator=torch.Generator().manual_seed(2), output_type="latent", **extra).images
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
