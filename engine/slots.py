@@ -19,7 +19,6 @@ import torch
 from lumen import kernels
 
 from . import samplers
-from .errors import InvalidInputError
 from .output import decode
 
 
@@ -40,6 +39,7 @@ class Slot:
     k: int = 0  # evaluation points done
     x0: torch.Tensor | None = None  # [1, C, h, w] the latest x0 estimate (previews, interrupts)
     state: dict = field(default_factory=dict)  # sampler state: x0_prev; x_hat, eps, x_next
+    inpaint: dict = field(default_factory=dict)  # {"cond"} rows like emb, or {"mask", "x0", "eps"}
 
     @property
     def steps(self) -> int:
@@ -56,16 +56,15 @@ class Slot:
 
     @property
     def shape_key(self) -> tuple:
-        """What rows sharing a UNet call must agree on: the latent and text shapes."""
-        return tuple(self.x.shape[1:]), tuple(self.emb.shape[1:])
+        """What rows sharing a UNet call must agree on: the latent and text shapes, and whether
+        the UNet also sees a mask and masked-image latents (a 9-channel inpainting model)."""
+        return tuple(self.x.shape[1:]), tuple(self.emb.shape[1:]), "cond" in self.inpaint
 
 
 def split(engine, request: dict, owner=None) -> list[Slot]:
     """One slot per image of an `Engine.prepare` result (SingDiffusion's hand-over done here)."""
-    if request.get("inpaint"):
-        raise InvalidInputError("mask_image in a scheduled request; the step scheduler runs "
-                                "text-to-image and image-to-image")
     x_T, noise, emb, cfg = request["x_T"], request["noise"], request["emb"], request["cfg"]
+    inpaint = request.get("inpaint") or {}
     n = x_T.shape[0]
     slots = []
     for j in range(n):
@@ -74,9 +73,11 @@ def split(engine, request: dict, owner=None) -> list[Slot]:
         emb_j = emb[rows]
         if engine.components.initial_step is not None:
             x = engine.hand_over(x, emb_j, request["w"], cfg, request["dp"])
+        own = {"cond": inpaint["cond"][rows]} if "cond" in inpaint else \
+            {k: v[j:j + 1] for k, v in inpaint.items()}
         slots.append(Slot(emb_j, {k: v[rows] for k, v in request["added"].items()}, request["dp"],
                           request["w"], request["phi"], cfg, x,
-                          None if noise is None else noise[j:j + 1], owner))
+                          None if noise is None else noise[j:j + 1], owner, inpaint=own))
     return slots
 
 
@@ -148,6 +149,7 @@ class StepInputs:
     s: torch.Tensor  # [n] fp32 sqrt(1 - abar)
     w: torch.Tensor  # [n] fp32 guidance scale
     phi: torch.Tensor  # [n] fp32 guidance rescale
+    cond: torch.Tensor | None = None  # [n + n_cfg, 5, h, w] a 9-channel UNet's mask and masked image
 
     @classmethod
     def gather(cls, slots: list[Slot], x_in: list[torch.Tensor]) -> "StepInputs":
@@ -161,10 +163,12 @@ class StepInputs:
                    torch.cat([s.emb[r:r + 1] for s, r in rows]),
                    {k: torch.cat([s.added[k][r:r + 1] for s, r in rows]) for k in slots[0].added},
                    per_image([s.dp.a[s.k] for s in slots]), per_image([s.dp.s[s.k] for s in slots]),
-                   per_image([s.w for s in slots]), per_image([s.phi for s in slots]))
+                   per_image([s.w for s in slots]), per_image([s.phi for s in slots]),
+                   torch.cat([s.inpaint["cond"][r:r + 1] for s, r in rows])
+                   if "cond" in slots[0].inpaint else None)
 
     def args(self) -> tuple:
-        return (self.x, self.t, self.emb, self.added, self.a, self.s, self.w, self.phi)
+        return (self.x, self.t, self.emb, self.added, self.a, self.s, self.w, self.phi, self.cond)
 
     @property
     def device(self) -> torch.device:
@@ -181,6 +185,8 @@ def model_step(engine, runner, inputs: StepInputs) -> tuple[torch.Tensor, torch.
     t_rows = torch.cat([t[:nc], t[:nc], t[nc:]])
     if not getattr(runner, "per_row_timesteps", False):
         t_rows = t_rows[0]  # calls() gave this call one timestep
+    if inputs.cond is not None:  # a 9-channel inpainting UNet: [latents, mask, masked image]
+        sample = torch.cat([sample, inputs.cond], dim=1)
     m = runner(sample, t_rows, inputs.emb, **inputs.added)
     prediction_type, parts = engine.config.prediction_type, []
     for cfg, rows, images in ((True, slice(0, 2 * nc), slice(0, nc)),
@@ -223,6 +229,9 @@ def update(slot: Slot, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> 
         return
     else:
         slot.x = c[i, 2] * x0 + c[i, 3] * eps
+    if "mask" in slot.inpaint:  # as Engine.loop's keep: the kept region follows the image
+        p, dp = slot.inpaint, slot.dp
+        slot.x = (1 - p["mask"]) * (dp.a_land[i] * p["x0"] + dp.s_land[i] * p["eps"]) + p["mask"] * slot.x
     slot.i += 1
 
 

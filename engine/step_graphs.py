@@ -48,6 +48,7 @@ class StepKey:
     backend: str
     prediction_type: str
     kernels: str  # "triton" or "reference"
+    cond: bool = False  # a 9-channel inpainting UNet's mask and masked-image rows
 
 
 def step_key(engine, inputs: StepInputs) -> StepKey:
@@ -57,7 +58,7 @@ def step_key(engine, inputs: StepInputs) -> StepKey:
                    tuple((k, tuple(v.shape[1:])) for k, v in sorted(inputs.added.items())),
                    str(engine.dtype).removeprefix("torch."), engine.backend,
                    engine.config.prediction_type,
-                   "triton" if kernels.use_triton(inputs.x) else "reference")
+                   "triton" if kernels.use_triton(inputs.x) else "reference", inputs.cond is not None)
 
 
 def image_rows(n_cfg: int, n: int, key: StepKey) -> torch.Tensor:
@@ -84,7 +85,7 @@ def empty_inputs(inputs: StepInputs, key: StepKey) -> StepInputs:
     return StepInputs(key.cfg_images, zeros(inputs.x, n), zeros(inputs.t, n),
                       zeros(inputs.emb, rows), {k: zeros(v, rows) for k, v in inputs.added.items()},
                       full(inputs.a, 0.5**0.5), full(inputs.s, 0.5**0.5), full(inputs.w, 1.0),
-                      full(inputs.phi, 0.0))
+                      full(inputs.phi, 0.0), None if inputs.cond is None else zeros(inputs.cond, rows))
 
 
 def load(static: StepInputs, inputs: StepInputs, key: StepKey) -> None:
@@ -95,6 +96,8 @@ def load(static: StepInputs, inputs: StepInputs, key: StepKey) -> None:
     for name in ("x", "t", "a", "s", "w", "phi"):
         getattr(static, name).index_copy_(0, images, getattr(inputs, name))
     static.emb.index_copy_(0, text, inputs.emb)
+    if inputs.cond is not None:
+        static.cond.index_copy_(0, text, inputs.cond)
     for k, v in inputs.added.items():
         static.added[k].index_copy_(0, text, v)
 
@@ -106,8 +109,9 @@ def run_graphed(engine, graphs: GraphCache, inputs: StepInputs) -> tuple[torch.T
     def make_step():
         runner = graph_runner(engine.runner)
 
-        def step(x, t, emb, added, a, s, w, phi):
-            return model_step(engine, runner, StepInputs(key.cfg_images, x, t, emb, added, a, s, w, phi))
+        def step(x, t, emb, added, a, s, w, phi, cond):
+            return model_step(engine, runner,
+                              StepInputs(key.cfg_images, x, t, emb, added, a, s, w, phi, cond))
         return step
 
     def new_inputs() -> StepInputs:

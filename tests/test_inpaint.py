@@ -157,3 +157,32 @@ def test_inpainting_loops_have_no_host_sync(pipe4, pipe9):
         with NoHostSync():
             out = eng.sample(**request)
         assert out.shape == (1, 4, 8, 8) and bool(torch.isfinite(out).all())
+
+
+def test_nine_channel_requests_on_the_step_scheduler_and_its_step_graphs_equal_their_alone_runs(pipe9):
+    """The mask and masked-image rows join each slot's UNet rows, eagerly and from step graphs."""
+    from lumen.engine.graphs import GraphCache
+    from lumen.serve.batcher import Batcher
+    from lumen.serve.jobs import BatchKey, Job
+
+    from test_step_graphs import capture_by_rerun
+
+    eng = engine.build(pipe9, scheduler=DDIMScheduler(**SCHEDULERS[0][1]), device="cpu")
+    image, mask = mask_and_image()
+    args = [dict(strength=s, num_inference_steps=n, guidance_scale=w)
+            for s, n, w in ((0.5, 6, 7.5), (1.0, 4, 1.0), (0.75, 8, 5.0))]
+    key = BatchKey(0, 0, 0, None, 0.0, 0.0, 0.0)  # not read: the jobs come prepared
+    for graphs in (None, GraphCache(8, capture=capture_by_rerun)):
+        batcher = Batcher(eng, max_batch=8, batch_wait_ms=200, output_type="latent", step_graphs=graphs)
+        try:
+            futures = [batcher.submit(Job(key, ("",), ("",), (i,), request=eng.prepare(
+                PROMPT, image=image, mask_image=mask, generator=torch.Generator().manual_seed(i), **a)))
+                for i, a in enumerate(args)]
+            results = [f.result(timeout=120) for f in futures]
+        finally:
+            batcher.stop()
+        for i, (a, got) in enumerate(zip(args, results)):
+            want = eng.run(PROMPT, image=image, mask_image=mask, output_type="latent",
+                           generator=torch.Generator().manual_seed(i), **a).images
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert graphs is None or graphs.captures >= 1

@@ -301,3 +301,38 @@ def test_a_slot_with_non_finite_latents_fails_alone_and_the_others_go_on(eng):
     finally:
         batcher.stop()
     assert batcher.running_images == 0 and batcher.batches == 6
+
+
+def test_image_and_inpaint_requests_share_steps_with_text_ones_and_equal_their_alone_runs(eng):
+    """A slot may start at any step of its plan: image-to-image runs the last steps, inpainting
+    also keeps its region after each step; all share UNet calls with text-to-image."""
+    g = torch.Generator().manual_seed(4)
+    image = torch.rand(1, 3, 32, 32, generator=g)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 4:20] = 1.0
+    cases = [(0, {}), (1, dict(image=image, strength=0.6)), (2, dict(image=image, mask_image=mask,
+             strength=1.0)), (3, dict(image=image, mask_image=mask, strength=0.5)), (4, {})]
+    jobs, requests = [], []
+    for i, extra in cases:
+        key = mixed_key(eng, i)
+        j = job(key, i, 1)
+        kw = dict(prompt=list(j.prompts), negative_prompt=list(j.negative_prompts) if key.cfg else None,
+                  num_inference_steps=key.steps, guidance_scale=key.guidance_scale,
+                  guidance_rescale=key.guidance_rescale, eta=key.eta, **extra)
+        j.request = eng.with_config(key.config).prepare(generator=j.generators(), **kw)
+        jobs.append(j)
+        requests.append((key, kw))
+    sizes = []
+    batcher = Batcher(eng, max_batch=8, batch_wait_ms=200, output_type="pt",
+                      on_batch=lambda n, s: sizes.append(n))
+    try:
+        results = [f.result(timeout=120) for f in [batcher.submit(j) for j in jobs]]
+    finally:
+        batcher.stop()
+    assert max(sizes) == len(cases)  # all in one UNet call at first
+    for j, (key, kw), images in zip(jobs, requests, results):
+        want = eng.with_config(key.config).run(generator=j.generators(), output_type="pt", **kw).images
+        torch.testing.assert_close(images, want, rtol=0, atol=ATOL)
+    kept = (mask < 0.5).expand(1, 3, 32, 32)
+    for images in results[2:4]:  # pixel space: the kept region is the input, exactly
+        assert torch.equal(images[kept], image[kept])
