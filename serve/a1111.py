@@ -27,7 +27,6 @@ from .schemas import A1111_SAMPLERS, A1111_SCHEDULERS, InvalidRequest
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A1111 endpoints that ask for what Lumen lacks; each answers 404 naming the feature.
 UNSERVED = {
-    "/sdapi/v1/img2img": "image-to-image",
     "/sdapi/v1/extra-single-image": "upscaling and face restoration (extras)",
     "/sdapi/v1/extra-batch-images": "upscaling and face restoration (extras)",
     "/sdapi/v1/interrogate": "CLIP/DeepBooru interrogation",

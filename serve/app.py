@@ -20,17 +20,19 @@ from .a1111 import (UNSERVED, Checkpoint, add_a1111_routes, cmd_flags, lora_item
 from .batcher import POLICIES, Batcher
 from .jobs import BatchKey, Interrupted, Job, ModelError, prepare
 from .http import AuthMiddleware, Metrics, MetricsMiddleware
-from .output import encode, infotext
+from .img2img import A1111Img2ImgRequest, img2img_inputs, overlay, to_tensor
+from .output import encode, infotext, png_base64
 from .schemas import (A1111Txt2ImgRequest, InvalidRequest, OpenAIImageRequest, Order, a1111_order,
                       ignored_fields, openai_order)
 
 OPENAI_IMAGES, A1111_TXT2IMG = "/v1/images/generations", "/sdapi/v1/txt2img"
+A1111_IMG2IMG = "/sdapi/v1/img2img"
 A1111_INFO = ("samplers", "schedulers", "sd-models", "options", "upscalers", "latent-upscale-modes",
               "sd-vae", "loras", "embeddings", "hypernetworks", "face-restorers", "prompt-styles",
               "scripts", "script-info", "realesrgan-models", "cmd-flags", "memory",
               "refresh-checkpoints", "refresh-vae", "refresh-loras", "png-info", "progress",
               "interrupt", "skip")
-ENDPOINTS = (OPENAI_IMAGES, A1111_TXT2IMG, "/v1/models", *(f"/sdapi/v1/{n}" for n in A1111_INFO),
+ENDPOINTS = (OPENAI_IMAGES, A1111_TXT2IMG, A1111_IMG2IMG, "/v1/models", *(f"/sdapi/v1/{n}" for n in A1111_INFO),
              *UNSERVED, "/health", "/metrics")
 
 
@@ -162,21 +164,46 @@ def add_image_routes(app: FastAPI, engine, model_name: str, limits: Limits) -> N
 
     @app.post(A1111_TXT2IMG)
     async def txt2img(body: A1111Txt2ImgRequest, request: Request):
-        if "sd_model_checkpoint" in body.override_settings:
-            request.app.state.checkpoint.check(body.override_settings["sd_model_checkpoint"],
-                                               "override_settings.sd_model_checkpoint")
+        check_checkpoint(request, body)
         order, label = a1111_order(body, engine.config, limits.max_pixels, limits.images_per_request)
+        return await a1111_generate(request, body, order, label)
+
+    @app.post(A1111_IMG2IMG)
+    async def img2img(body: A1111Img2ImgRequest, request: Request):
+        check_checkpoint(request, body)
+        order, label = a1111_order(body, engine.config, limits.max_pixels, limits.images_per_request)
+        init, mask = await anyio.to_thread.run_sync(img2img_inputs, body, limits.max_pixels)
+        key = dataclasses.replace(order.key, strength=body.denoising_strength,
+                                  inpaint=mask is not None)
+        order = dataclasses.replace(order, key=key, image=to_tensor(init),
+                                    mask=None if mask is None else to_tensor(mask))
+        extra = [png_base64(init, "init image")] if body.include_init_images else []
+        return await a1111_generate(request, body, order, label,
+                                    lambda images: overlay(images, init, mask), extra)
+
+    async def a1111_generate(request: Request, body, order: Order, label: str, finish=None,
+                             extra: list | None = None) -> dict:
+        """Run an A1111 order; the response A1111 gives (images, parameters, info JSON)."""
         try:  # A1111 answers an interrupted or skipped job with its current x0 estimates
             images, stopped = await generate(request, engine, order, limits)
         except Interrupted:  # before its first step: nothing yet
             images, stopped = [], "interrupted"
+        images = finish(images) if finish is not None and images else images
         texts = [infotext(p, n, order.key, s, model_name)
                  for p, n, s in zip(order.prompts, order.negative_prompts, order.seeds)]
         pngs = await anyio.to_thread.run_sync(encode, images, texts[:len(images)])
         info = a1111_info(body, order, label, texts, model_name)
         info.update(interrupted=stopped == "interrupted", skipped=stopped == "skipped",
                     ignored=ignored_fields(body))
-        return {"images": pngs, "parameters": body.model_dump(), "info": json.dumps(info)}
+        return {"images": pngs + (extra or []), "parameters": body.model_dump(),
+                "info": json.dumps(info)}
+
+
+def check_checkpoint(request: Request, body: A1111Txt2ImgRequest) -> None:
+    """override_settings.sd_model_checkpoint must name the served model."""
+    if "sd_model_checkpoint" in body.override_settings:
+        request.app.state.checkpoint.check(body.override_settings["sd_model_checkpoint"],
+                                           "override_settings.sd_model_checkpoint")
 
 
 def a1111_info(body: A1111Txt2ImgRequest, order: Order, label: str, texts: list[str],
@@ -200,7 +227,8 @@ async def generate(request: Request, engine, order: Order, limits: Limits) -> tu
     request.state.images = len(order.seeds)
     batcher: Batcher = request.app.state.batcher
     with batcher.admitted() as epoch:
-        job = Job(order.key, order.prompts, order.negative_prompts, order.seeds)
+        job = Job(order.key, order.prompts, order.negative_prompts, order.seeds, image=order.image,
+                  mask=order.mask)
         job.request = await asyncio.wrap_future(batcher.call(lambda: check_with_engine(engine, job)))
         images = await wait_for(request, job, asyncio.wrap_future(batcher.submit(job, epoch)), limits)
         return images, job.stopped

@@ -49,6 +49,8 @@ class BatchKey:
     guidance_rescale: float
     eta: float
     clip_skip: int | None = None  # text-encoder layers skipped (A1111's CLIP_stop_at_last_layers - 1)
+    strength: float | None = None  # image-to-image: the share of the steps that run; None: text
+    inpaint: bool = False  # a mask came with the image
 
     @property
     def cfg(self) -> bool:
@@ -69,6 +71,8 @@ class Job:
     negative_prompts: tuple[str, ...]  # one per image
     seeds: tuple[int, ...]  # one per image
     request: dict | None = None
+    image: torch.Tensor | None = None  # [1, 3, H, W] in [0, 1] for image-to-image
+    mask: torch.Tensor | None = None  # [1, 1, H, W] in [0, 1], white repaints
     created: float = field(default_factory=time.monotonic)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     dropped: bool = False  # the client left: free the slots at the next step boundary
@@ -100,4 +104,5 @@ def prepare(engine, job: Job) -> dict:
         prompt=list(job.prompts), negative_prompt=list(job.negative_prompts) if key.cfg else None,
         num_inference_steps=key.steps, guidance_scale=key.guidance_scale,
         guidance_rescale=key.guidance_rescale, eta=key.eta, generator=job.generators(),
-        height=key.height, width=key.width, clip_skip=key.clip_skip)
+        height=key.height, width=key.width, clip_skip=key.clip_skip, image=job.image,
+        strength=0.8 if key.strength is None else key.strength, mask_image=job.mask)

@@ -23,6 +23,8 @@ def infotext(prompt: str, negative_prompt: str, key: BatchKey, seed: int, model:
         "Model": model,
         "Guidance rescale": key.guidance_rescale,
     }
+    if key.strength is not None:
+        fields["Denoising strength"] = key.strength
     if key.eta:
         fields["Eta"] = key.eta
     if key.clip_skip:

@@ -44,6 +44,8 @@ class Order:
     prompts: tuple[str, ...]
     negative_prompts: tuple[str, ...]
     seeds: tuple[int, ...]
+    image: Any = None  # [1, 3, H, W] tensor in [0, 1] (image-to-image)
+    mask: Any = None  # [1, 1, H, W] tensor in [0, 1], white repaints (inpainting)
 
 
 class OpenAIImageRequest(BaseModel):

@@ -1,5 +1,7 @@
 """Lumen on a real local Ray Serve: two replicas behind one endpoint, a replica killed mid-load."""
+import base64
 import concurrent.futures
+import io
 import os
 import signal
 import socket
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 import yaml
@@ -153,6 +156,19 @@ def test_two_replicas_share_concurrent_requests_and_give_the_single_servers_imag
     metrics = client.get("/metrics")  # one replica's own registry, named by the header
     assert 'lumen_requests_total{endpoint="/v1/images/generations",status="200"}' in metrics.text
     assert metrics.headers[REPLICA_HEADER] in {replica for _, replica in got.values()}
+
+
+def test_img2img_on_the_replicas_gives_the_single_servers_image(single, client):
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (32, 32), (255, 255, 255)).save(buffer, format="PNG")
+    body = {"prompt": PROMPTS[0], "width": 32, "height": 32, "steps": 4, "seed": 9,
+            "denoising_strength": 0.5, "init_images": [base64.b64encode(buffer.getvalue()).decode()]}
+    with single.client() as c:
+        want = c.post("/sdapi/v1/img2img", json=body)
+    got = client.post("/sdapi/v1/img2img", json=body)
+    assert want.status_code == got.status_code == 200, got.text
+    assert np.array_equal(pixels(got.json()["images"][0]), pixels(want.json()["images"][0]))
+    assert got.headers[REPLICA_HEADER]
 
 
 def test_bad_input_gets_the_single_servers_4xx(single, client):

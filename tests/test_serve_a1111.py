@@ -9,6 +9,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 import webuiapi
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -121,11 +122,73 @@ def test_webuiapi_progress_interrupt_skip_and_wait_for_ready(api):
     assert not waiter.is_alive()
 
 
-def test_webuiapi_img2img_is_refused_by_name(api):
-    with pytest.raises(RuntimeError) as err:
-        api.img2img(images=[Image.new("RGB", (32, 32))], prompt=PROMPT, width=32, height=32)
-    status, text = err.value.args
-    assert status == 404 and "image-to-image" in text
+def alone_img2img(eng, image, strength, seed, mask=None, steps=10, sampler="ddim", eta=0.0):
+    """The same request run alone through Engine.run, as the server would: 8-bit RGB array."""
+    config = eng.config.replace(sampler=sampler)
+    out = eng.with_config(config).run(
+        PROMPT, negative_prompt="", image=np.asarray(image, np.float32) / 255, strength=strength,
+        mask_image=None if mask is None else np.asarray(mask, np.float32) / 255,
+        num_inference_steps=steps, guidance_scale=7.5, guidance_rescale=0.7, eta=eta,
+        generator=torch.Generator().manual_seed(seed)).images[0]
+    return np.asarray(out.convert("RGB")).astype(int)
+
+
+def test_webuiapi_img2img_runs_the_last_steps_from_the_image(api, eng):
+    white = Image.new("RGB", (32, 32), (255, 255, 255))
+    result = api.img2img(images=[white], prompt=PROMPT, width=32, height=32, denoising_strength=0.5,
+                         seed=5, steps=10, cfg_scale=7.5, sampler_name="DDIM", eta=0.0)
+    got = np.asarray(result.image.convert("RGB")).astype(int)
+    assert np.abs(got - alone_img2img(eng, white, 0.5, 5)).max() <= 1
+    assert got[:6, :6].mean() > 100  # the white input shows through the prompt's black
+    assert result.info["all_seeds"] == [5] and "Denoising strength: 0.5" in result.info["infotexts"][0]
+
+
+def test_webuiapi_inpaint_keeps_the_unmasked_pixels(api, eng):
+    g = np.random.default_rng(3)
+    source = Image.fromarray(g.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))  # repaint the middle
+    result = api.img2img(images=[source], mask_image=mask, prompt=PROMPT, width=32, height=32,
+                         denoising_strength=1.0, inpainting_fill=1, inpaint_full_res=False,
+                         mask_blur=0, seed=6, steps=8, cfg_scale=7.5, sampler_name="DDIM", eta=0.0,
+                         include_init_images=True)
+    got = np.asarray(result.images[0].convert("RGB")).astype(int)
+    kept = np.asarray(mask) == 0
+    assert (got[kept] == np.asarray(source)[kept]).all()  # the overlay: exactly the input
+    assert np.abs(got - alone_img2img(eng, source, 1.0, 6, mask, steps=8)).max() <= 1
+    assert len(result.images) == 2 and result.images[1].size == (32, 32)  # the init image appended
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(init_images=["not base64!"]), "init_images[0]"),
+    (dict(init_images=[base64.b64encode(b"GIF89a....").decode()]), "init_images[0]"),
+    (dict(init_images=[]), "init_images"),
+    (dict(mask="AAAA"), "mask"),
+    (dict(mask="MASK", inpainting_fill=2), "inpainting_fill"),
+    (dict(mask="MASK", inpaint_full_res=True), "inpaint_full_res"),
+    (dict(resize_mode=1), "resize_mode"),
+    (dict(denoising_strength=0), "denoising_strength"),
+    (dict(denoising_strength=0.05, steps=10), "denoising_strength"),
+    (dict(init_images=["BIG"]), "init_images[0]"),
+    (dict(mask_blur=-1), "mask_blur"),
+])
+def test_bad_img2img_requests_get_422_naming_the_field_and_the_server_goes_on(client, change, field):
+    def b64(image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+    good = {"prompt": PROMPT, "width": 32, "height": 32, "steps": 4, "seed": 1,
+            "init_images": [b64(Image.new("RGB", (32, 32)))]}
+    body = {**good, **change}
+    if body.get("mask") == "MASK":
+        body["mask"] = b64(Image.new("L", (32, 32), 255))
+    if body["init_images"] == ["BIG"]:
+        body["init_images"] = [b64(Image.new("RGB", (128, 128)))]  # past max_pixels 64x64
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["param"] == field or field in (error["param"] or "") or field in error["message"], error
+    assert client.post("/sdapi/v1/img2img", json=good).status_code == 200
 
 
 # ---------------------------------------------------------------------------------------------
