@@ -7,7 +7,8 @@ FOLDERS = ("engine", "kernels", "export", "serve", "benchmarks")
 PACKAGES = ["lumen", *(f"lumen.{name}" for name in
                        find_packages(include=[n for f in FOLDERS for n in (f, f"{f}.*")]))]
 
-SERVE = ["fastapi>=0.165", "uvicorn>=0.30", "pydantic>=2.5", "prometheus-client>=0.20"]
+SERVE = ["fastapi>=0.165", "uvicorn>=0.30", "pydantic>=2.5", "prometheus-client>=0.20",
+         "python-multipart>=0.0.9"]
 # 2.56 added late-bound ingress (__serve_build_asgi_app__): each replica builds its own app.
 RAY = [*SERVE, "ray[serve]>=2.56"]
 

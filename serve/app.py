@@ -20,19 +20,20 @@ from .a1111 import (UNSERVED, Checkpoint, add_a1111_routes, cmd_flags, lora_item
 from .batcher import POLICIES, Batcher
 from .jobs import BatchKey, Interrupted, Job, ModelError, prepare
 from .http import AuthMiddleware, Metrics, MetricsMiddleware
+from .edits import edit_form, resized
 from .img2img import A1111Img2ImgRequest, img2img_inputs, overlay, to_tensor
 from .output import encode, infotext, png_base64
 from .schemas import (A1111Txt2ImgRequest, InvalidRequest, OpenAIImageRequest, Order, a1111_order,
                       ignored_fields, openai_order)
 
 OPENAI_IMAGES, A1111_TXT2IMG = "/v1/images/generations", "/sdapi/v1/txt2img"
-A1111_IMG2IMG = "/sdapi/v1/img2img"
+A1111_IMG2IMG, OPENAI_EDITS = "/sdapi/v1/img2img", "/v1/images/edits"
 A1111_INFO = ("samplers", "schedulers", "sd-models", "options", "upscalers", "latent-upscale-modes",
               "sd-vae", "loras", "embeddings", "hypernetworks", "face-restorers", "prompt-styles",
               "scripts", "script-info", "realesrgan-models", "cmd-flags", "memory",
               "refresh-checkpoints", "refresh-vae", "refresh-loras", "png-info", "progress",
               "interrupt", "skip")
-ENDPOINTS = (OPENAI_IMAGES, A1111_TXT2IMG, A1111_IMG2IMG, "/v1/models", *(f"/sdapi/v1/{n}" for n in A1111_INFO),
+ENDPOINTS = (OPENAI_IMAGES, OPENAI_EDITS, A1111_TXT2IMG, A1111_IMG2IMG, "/v1/models", *(f"/sdapi/v1/{n}" for n in A1111_INFO),
              *UNSERVED, "/health", "/metrics")
 
 
@@ -152,15 +153,33 @@ def add_image_routes(app: FastAPI, engine, model_name: str, limits: Limits) -> N
             raise InvalidRequest("model", f"model={body.model!r}; this server serves only "
                                           f"{model_name!r}")
         order = openai_order(body, engine.config, size, limits.max_pixels, limits.images_per_request)
+        return await openai_answer(request, order)
+
+    async def openai_answer(request: Request, order: Order, finish=None) -> dict:
+        """Run an OpenAI order; OpenAI's answer (created, data with b64_json and seed)."""
         images, stopped = await generate(request, engine, order, limits)
         if stopped:  # the images API has no way to flag a partial image: refuse it
             raise Interrupted(f"{stopped} by POST /sdapi/v1/{stopped.removesuffix('ed')} at a "
                               "step boundary")
+        images = finish(images) if finish is not None else images
         texts = [infotext(p, n, order.key, s, model_name)
                  for p, n, s in zip(order.prompts, order.negative_prompts, order.seeds)]
         pngs = await anyio.to_thread.run_sync(encode, images, texts)
         return {"created": int(time.time()),
                 "data": [{"b64_json": png, "seed": seed} for png, seed in zip(pngs, order.seeds)]}
+
+    @app.post(OPENAI_EDITS)
+    async def openai_edits(request: Request):
+        body, image, mask, strength = await edit_form(await request.form(), limits.max_pixels)
+        if body.model not in (None, model_name):
+            raise InvalidRequest("model", f"model={body.model!r}; this server serves only "
+                                          f"{model_name!r}")
+        order = openai_order(body, engine.config, size, limits.max_pixels, limits.images_per_request)
+        image, mask, pixels, mask_pixels = resized(image, (order.key.width, order.key.height), mask)
+        order = dataclasses.replace(order, image=pixels, mask=mask_pixels,
+                                    key=dataclasses.replace(order.key, strength=strength,
+                                                            inpaint=mask is not None))
+        return await openai_answer(request, order, lambda images: overlay(images, image, mask))
 
     @app.post(A1111_TXT2IMG)
     async def txt2img(body: A1111Txt2ImgRequest, request: Request):

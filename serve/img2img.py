@@ -43,6 +43,11 @@ def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
     except (binascii.Error, ValueError):
         raise InvalidRequest(field, f"{field} is not valid base64; expected a base64 PNG or JPEG "
                                     "(a data:image/png;base64, prefix is allowed)") from None
+    return read_image(raw, field, max_pixels)
+
+
+def read_image(raw: bytes, field: str, max_pixels: int) -> Image.Image:
+    """PNG or JPEG bytes as a loaded PIL image, at most max_pixels; else a 422 naming field."""
     try:
         image = Image.open(io.BytesIO(raw))
         if image.format not in ("PNG", "JPEG"):
