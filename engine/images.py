@@ -124,6 +124,9 @@ def latent_mask(mask: torch.Tensor, shape: tuple) -> torch.Tensor:
 # A request's image inputs (Engine.prepare)
 
 
+MASKED_CONTENT = ("original", "noise")  # where the masked region starts (below strength 1)
+
+
 def check(engine, image, strength, steps: int, latents) -> tuple[int, torch.Tensor | None]:
     """(first step of the plan that runs, pixels [N, 3, H, W]) of an image request, or (0, None)."""
     from .validation import check_real
@@ -156,7 +159,8 @@ def size(images: torch.Tensor, height, width) -> tuple[int, int]:
 
 
 def start(engine, images: torch.Tensor, mask_image, strength: float, shape: tuple, generator,
-          plan, dp, cfg: bool) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+          plan, dp, cfg: bool, masked_content: str = "original"
+          ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """(x_T, step noise, inpaint inputs) of an image request, drawn in diffusers' order.
 
     Per image i, from generator i: the image's posterior sample (always for image-to-image and
@@ -166,7 +170,12 @@ def start(engine, images: torch.Tensor, mask_image, strength: float, shape: tupl
     inpainting at strength 1 starts from pure noise, as diffusers' inpaint pipeline does.
     """
     from .runtime import draw_noise
+    from .validation import check_choice
 
+    check_choice("masked_content", masked_content, MASKED_CONTENT)
+    if masked_content != "original" and mask_image is None:
+        raise InvalidInputError(f"masked_content={masked_content!r} without mask_image; expected "
+                                "a mask whose white region starts from noise")
     n, device = shape[0], engine.device
     if images.shape[0] not in (1, n):
         raise InvalidInputError(f"{images.shape[0]} images for {n} outputs (prompts x "
@@ -183,9 +192,16 @@ def start(engine, images: torch.Tensor, mask_image, strength: float, shape: tupl
         raise InvalidInputError("an inpainting UNet (in_channels=9) without mask_image; expected "
                                 "mask_image (white repaints, black keeps)")
     latent_shape = (n, 4, *shape[2:]) if concat else shape
-    x0 = None
+    x0 = start_x0 = None
     if not (concat and strength == 1.0):
-        x0 = checked(encode(images, engine.components, generators, device, engine.dtype), latent_shape)
+        x0 = start_x0 = checked(encode(images, engine.components, generators, device, engine.dtype),
+                                latent_shape)
+        if masked_content == "noise":  # A1111's "latent noise": the region starts from noise
+            m = latent_mask(mask_pixels(mask_image, tuple(images.shape[2:])), shape).to(device)
+            z = torch.stack([torch.randn(latent_shape[1:], generator=g,
+                                         device=g.device if g is not None else "cpu")
+                             for g in generators]).to(device)
+            start_x0 = x0 * (1 - m) + z * m
     masked = []
     between = None
     if mask is not None:
@@ -198,7 +214,7 @@ def start(engine, images: torch.Tensor, mask_image, strength: float, shape: tupl
     x_T, noise = draw_noise(generator, latent_shape, plan, device, None, between)
     eps = x_T
     if x0 is not None and not (mask is not None and strength == 1.0):
-        x_T = dp.a_start * x0 + dp.s_start * x_T  # the noised image; a = 0 gives eps exactly
+        x_T = dp.a_start * start_x0 + dp.s_start * x_T  # the noised image; a = 0 gives eps exactly
     if mask is None:
         return x_T, noise, {}
     m = latent_mask(mask, shape).to(device)

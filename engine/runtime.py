@@ -165,7 +165,7 @@ class Engine:
             num_images_per_prompt: int = 1, output_type: str = "pil", callback=None,
             pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, clip_skip=None,
             original_size=None, crops_coords_top_left=None, target_size=None, image=None,
-            strength: float = 0.8, mask_image=None):
+            strength: float = 0.8, mask_image=None, masked_content: str = "original"):
         """Generate images; the result has `.images` as in diffusers pipelines.
 
         image (image-to-image, diffusers' img2img conventions): PIL image(s), numpy HWC arrays or
@@ -176,6 +176,8 @@ class Engine:
         mask_image (inpainting, with image; white repaints, black keeps), as diffusers'
         inpaint pipeline: a 9-channel inpainting UNet sees [latents, mask, masked-image
         latents]; any other model's kept region follows the image, noised to each step's level.
+        masked_content "noise" starts the masked region from Gaussian noise instead of the image
+        (AUTOMATIC1111's "latent noise" fill), drawn right after the image's posterior sample.
 
         callback(i), if given, is called on the host after step i (it must not sync the device);
         with a CUDA graph the loop is one replay, so the calls come after it, in order.
@@ -189,7 +191,7 @@ class Engine:
                                generator, latents, height, width, num_images_per_prompt,
                                pooled_prompt_embeds, negative_pooled_prompt_embeds, clip_skip,
                                original_size, crops_coords_top_left, target_size, image, strength,
-                               mask_image)
+                               mask_image, masked_content)
         x0 = self.sample(**request, callback=callback)
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
@@ -202,7 +204,7 @@ class Engine:
                 num_images_per_prompt: int = 1, pooled_prompt_embeds=None,
                 negative_pooled_prompt_embeds=None, clip_skip=None, original_size=None,
                 crops_coords_top_left=None, target_size=None, image=None,
-                strength: float = 0.8, mask_image=None) -> dict:
+                strength: float = 0.8, mask_image=None, masked_content: str = "original") -> dict:
         """`sample`'s inputs for a request (run's arguments), checked and on the device."""
         self._check_scalars(num_inference_steps, guidance_scale, guidance_rescale, eta,
                             num_images_per_prompt)
@@ -232,7 +234,7 @@ class Engine:
             inpaint = {}
         else:
             x_T, noise, inpaint = images.start(self, pixels, mask_image, strength, shape,
-                                               generator, plan, dp, cfg)
+                                               generator, plan, dp, cfg, masked_content)
         pos = text.pos.to(self.device, self.dtype)
         emb = torch.cat([text.neg.to(self.device, self.dtype), pos]) if cfg else pos  # [negative, positive]
         scalars = torch.tensor([guidance_scale, guidance_rescale], dtype=torch.float32).to(self.device)

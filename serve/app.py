@@ -21,7 +21,7 @@ from .batcher import POLICIES, Batcher
 from .jobs import BatchKey, Interrupted, Job, ModelError, prepare
 from .http import AuthMiddleware, Metrics, MetricsMiddleware
 from .edits import edit_form, resized
-from .img2img import A1111Img2ImgRequest, img2img_inputs, overlay, to_tensor
+from .img2img import SERVED_FILLS, A1111Img2ImgRequest, img2img_inputs, overlay, to_tensor
 from .output import encode, infotext, png_base64
 from .schemas import (A1111Txt2ImgRequest, InvalidRequest, OpenAIImageRequest, Order, a1111_order,
                       ignored_fields, openai_order)
@@ -193,7 +193,8 @@ def add_image_routes(app: FastAPI, engine, model_name: str, limits: Limits) -> N
         order, label = a1111_order(body, engine.config, limits.max_pixels, limits.images_per_request)
         init, mask = await anyio.to_thread.run_sync(img2img_inputs, body, limits.max_pixels)
         key = dataclasses.replace(order.key, strength=body.denoising_strength,
-                                  inpaint=mask is not None)
+                                  inpaint=mask is not None,
+                                  masked_content=SERVED_FILLS[body.inpainting_fill] if mask else "original")
         order = dataclasses.replace(order, key=key, image=to_tensor(init),
                                     mask=None if mask is None else to_tensor(mask))
         extra = [png_base64(init, "init image")] if body.include_init_images else []

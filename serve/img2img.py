@@ -1,8 +1,8 @@
 """AUTOMATIC1111's POST /sdapi/v1/img2img: image-to-image and inpainting on the step scheduler.
 
 A1111's payload: `init_images` (base64 PNG or JPEG, a data-URL prefix allowed), `mask`,
-`denoising_strength`, `mask_blur`, `inpainting_mask_invert`, `inpainting_fill` (1, "original",
-only), `resize_mode` 0 (just resize), `inpaint_full_res` false, `include_init_images`, and
+`denoising_strength`, `mask_blur`, `inpainting_mask_invert`, `inpainting_fill` (1 "original"
+and 2 "latent noise"), `resize_mode` 0 (just resize), `inpaint_full_res` false, `include_init_images`, and
 every txt2img field. As A1111 does, the image and mask are resized to width x height, the mask
 is blurred by `mask_blur`, int(steps * denoising_strength) steps run, and the original is
 overlaid on the kept region of each result through the blurred mask.
@@ -19,6 +19,7 @@ from pydantic import Field
 from .schemas import A1111Txt2ImgRequest, InvalidRequest
 
 FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+SERVED_FILLS = {1: "original", 2: "noise"}  # inpainting_fill -> Engine.run's masked_content
 
 
 class A1111Img2ImgRequest(A1111Txt2ImgRequest):
@@ -64,10 +65,10 @@ def read_image(raw: bytes, field: str, max_pixels: int) -> Image.Image:
 def check_img2img(req: A1111Img2ImgRequest) -> None:
     """Values Lumen does not serve get a 422 naming the field (the inpainting fields only with a
     mask: A1111 ignores them without one)."""
-    if req.mask is not None and req.inpainting_fill != 1:
+    if req.mask is not None and req.inpainting_fill not in SERVED_FILLS:
         raise InvalidRequest("inpainting_fill", f"inpainting_fill={req.inpainting_fill} "
-                             f"({FILLS.get(req.inpainting_fill, 'unknown')}); expected 1 (original): "
-                             "the masked region starts from the original image")
+                             f"({FILLS.get(req.inpainting_fill, 'unknown')}); expected 1 (original: "
+                             "the masked region starts from the image) or 2 (latent noise)")
     if req.resize_mode != 0:
         raise InvalidRequest("resize_mode", f"resize_mode={req.resize_mode}; expected 0 (just resize)")
     if req.mask is not None and req.inpaint_full_res:

@@ -51,6 +51,7 @@ class BatchKey:
     clip_skip: int | None = None  # text-encoder layers skipped (A1111's CLIP_stop_at_last_layers - 1)
     strength: float | None = None  # image-to-image: the share of the steps that run; None: text
     inpaint: bool = False  # a mask came with the image
+    masked_content: str = "original"  # where the masked region starts: the image, or "noise"
 
     @property
     def cfg(self) -> bool:
@@ -105,4 +106,5 @@ def prepare(engine, job: Job) -> dict:
         num_inference_steps=key.steps, guidance_scale=key.guidance_scale,
         guidance_rescale=key.guidance_rescale, eta=key.eta, generator=job.generators(),
         height=key.height, width=key.width, clip_skip=key.clip_skip, image=job.image,
-        strength=0.8 if key.strength is None else key.strength, mask_image=job.mask)
+        strength=0.8 if key.strength is None else key.strength, mask_image=job.mask,
+        masked_content=key.masked_content)

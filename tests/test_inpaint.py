@@ -186,3 +186,22 @@ def test_nine_channel_requests_on_the_step_scheduler_and_its_step_graphs_equal_t
                            generator=torch.Generator().manual_seed(i), **a).images
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         assert graphs is None or graphs.captures >= 1
+
+
+def test_masked_content_noise_starts_the_masked_region_from_noise_and_keeps_the_rest():
+    eng = engine.build("default")
+    grey = np.full((32, 32, 3), 0.5, dtype=np.float32)
+    mask = np.zeros((32, 32), dtype=np.float32)
+    mask[:, 16:] = 1.0
+    prompt = "a red circle on a solid black background"
+
+    def run(**kw):
+        return eng.run(prompt, image=grey, mask_image=mask, strength=0.5, output_type="pt",
+                       generator=torch.Generator().manual_seed(0), **kw).images
+    original, noise = run(), run(masked_content="noise")
+    assert torch.equal(original[..., :16], noise[..., :16])  # the kept half: the image in both
+    assert float((original - noise)[..., 16:].abs().mean()) > 0.05
+    with pytest.raises(engine.InvalidInputError, match="masked_content='blur'; expected one of"):
+        run(masked_content="blur")
+    with pytest.raises(engine.InvalidInputError, match="masked_content='noise' without mask_image"):
+        eng.run(prompt, image=grey, masked_content="noise")

@@ -159,12 +159,31 @@ def test_webuiapi_inpaint_keeps_the_unmasked_pixels(api, eng):
     assert len(result.images) == 2 and result.images[1].size == (32, 32)  # the init image appended
 
 
+def test_inpainting_fill_latent_noise_starts_the_region_from_noise(api, eng):
+    """inpainting_fill 2 ("latent noise") is Engine.run's masked_content="noise"."""
+    grey = Image.new("RGB", (32, 32), (128, 128, 128))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (16, 0, 32, 32))
+    kwargs = dict(images=[grey], mask_image=mask, prompt=PROMPT, width=32, height=32,
+                  denoising_strength=0.5, inpaint_full_res=False, mask_blur=0, seed=8, steps=10,
+                  cfg_scale=7.5, sampler_name="DDIM", eta=0.0)
+    fills = {fill: np.asarray(api.img2img(inpainting_fill=fill, **kwargs).image.convert("RGB")).astype(int)
+             for fill in (1, 2)}
+    out = eng.with_config(eng.config.replace(sampler="ddim")).run(
+        PROMPT, negative_prompt="", image=np.asarray(grey, np.float32) / 255, strength=0.5,
+        mask_image=np.asarray(mask, np.float32) / 255, masked_content="noise", num_inference_steps=10,
+        guidance_scale=7.5, generator=torch.Generator().manual_seed(8)).images[0]
+    assert np.abs(fills[2] - np.asarray(out.convert("RGB")).astype(int)).max() <= 1
+    assert np.abs(fills[2] - fills[1])[:, 16:].mean() > 5 and (fills[2][:, :16] == 128).all()
+
+
 @pytest.mark.parametrize("change,field", [
     (dict(init_images=["not base64!"]), "init_images[0]"),
     (dict(init_images=[base64.b64encode(b"GIF89a....").decode()]), "init_images[0]"),
     (dict(init_images=[]), "init_images"),
     (dict(mask="AAAA"), "mask"),
-    (dict(mask="MASK", inpainting_fill=2), "inpainting_fill"),
+    (dict(mask="MASK", inpainting_fill=0), "inpainting_fill"),
+    (dict(mask="MASK", inpainting_fill=3), "inpainting_fill"),
     (dict(mask="MASK", inpaint_full_res=True), "inpaint_full_res"),
     (dict(resize_mode=1), "resize_mode"),
     (dict(denoising_strength=0), "denoising_strength"),
