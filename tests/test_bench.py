@@ -173,3 +173,18 @@ def test_brightness_setup_must_be_known(capsys):
         brightness.main(["--setup", "default-typo"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'default-typo'" in capsys.readouterr().err
+
+
+def test_bench_inpaint_keeps_the_unmasked_pixels_and_writes_its_report(tmp_path):
+    """`lumen bench inpaint` at a tiny size: the study's own numbers, the files it writes."""
+    import json
+
+    from lumen.cli import main
+
+    assert main(["bench", "inpaint", "--n", "2", "--steps", "3", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "inpaint.json").read_text())
+    assert all(row["kept exactly"] == 1.0 for row in data["inpaint"].values())
+    assert set(data["image_to_image"]) == {"0.25", "0.5", "0.75", "1.0"}
+    assert data["image_to_image"]["0.25"] > data["image_to_image"]["1.0"]  # more of the white kept
+    assert (tmp_path / "image_to_image.png").stat().st_size > 1000
+    assert "| strength | border level |" in (tmp_path / "inpaint.md").read_text()
