@@ -181,7 +181,7 @@ def test_bench_inpaint_keeps_the_unmasked_pixels_and_writes_its_report(tmp_path)
 
     from lumen.cli import main
 
-    assert main(["bench", "inpaint", "--n", "2", "--steps", "3", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "inpaint", "--n", "2", "--steps", "4", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "inpaint.json").read_text())
     assert all(row["kept exactly"] == 1.0 for row in data["inpaint"].values())
     assert set(data["image_to_image"]) == {"0.25", "0.5", "0.75", "1.0"}
