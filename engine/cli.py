@@ -31,6 +31,8 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--strength", type=float, default=0.8,
                    help="with --image: how much to change it, in (0, 1]; the last "
                         "int(steps * strength) steps run")
+    p.add_argument("--mask", default=None, metavar="MASK.png",
+                   help="with --image: inpaint where the mask is white, keep where it is black")
     add_lora_argument(p)
     p.set_defaults(func=run_generate)
 
@@ -53,13 +55,14 @@ def run_generate(args) -> int:
         eng.config = eng.config.replace(**changes)
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
     source = read_image(args.image) if args.image else None
+    mask = read_image(args.mask, "--mask").convert("L") if args.mask else None
     steps = min(int(args.steps * args.strength), args.steps) if source is not None else args.steps
     with tqdm(total=steps, desc="sampling", unit="step") as bar:
         images = eng.run(prompt=args.prompt, negative_prompt=args.negative_prompt,
                          num_inference_steps=args.steps, guidance_scale=args.guidance,
                          guidance_rescale=args.rescale, eta=args.eta, generator=generators,
                          height=args.height, width=args.width, num_images_per_prompt=args.num_images,
-                         image=source, strength=args.strength,
+                         image=source, strength=args.strength, mask_image=mask,
                          callback=lambda i: bar.update(1)).images
     for path, image in zip(_output_paths(Path(args.output), len(images)), images):
         if args.upscale > 1:
@@ -72,7 +75,7 @@ def run_generate(args) -> int:
     return 0
 
 
-def read_image(path: str):
+def read_image(path: str, option: str = "--image"):
     """The RGB image at path (PNG, JPEG, ... as PIL reads them), or an error naming the path."""
     from PIL import Image, UnidentifiedImageError
 
@@ -82,7 +85,7 @@ def read_image(path: str):
         with Image.open(path) as image:
             return image.convert("RGB")
     except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError) as err:
-        raise InvalidInputError(f"--image {path!r}: {err}; expected an image file") from err
+        raise InvalidInputError(f"{option} {path!r}: {err}; expected an image file") from err
 
 
 def _output_paths(path: Path, n: int) -> list[Path]:

@@ -54,3 +54,19 @@ def test_generate_from_an_image_keeps_some_of_it_at_half_strength(tmp_path, caps
     assert "12 of 25 steps (strength 0.5)" in capsys.readouterr().out
     assert main(["generate", prompt, "--image", str(tmp_path / "none.png")]) == 2
     assert "--image" in capsys.readouterr().err
+
+
+def test_generate_with_a_mask_inpaints_only_the_white_region(tmp_path):
+    grey = tmp_path / "grey.png"
+    PIL.Image.new("RGB", (32, 32), (128, 128, 128)).save(grey)
+    mask = PIL.Image.new("L", (32, 32), 0)
+    mask.paste(255, (16, 0, 32, 32))
+    mask.save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    assert main(["generate", "a red circle on a solid black background", "--image", str(grey),
+                 "--mask", str(tmp_path / "mask.png"), "--strength", "1", "-o", str(out)]) == 0
+    with PIL.Image.open(out) as image:
+        kept = image.crop((0, 0, 16, 32)).convert("L")
+        assert set(kept.getdata()) == {128}  # the black half of the mask: the input, exactly
+        painted = image.crop((16, 0, 32, 32)).convert("L")
+        assert sum(painted.getdata()) / (16 * 32) < 100  # the prompt's black background

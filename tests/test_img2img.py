@@ -35,6 +35,7 @@ SCHEDULERS = [  # (class, settings): each sampler diffusers offers, trailing and
                                        final_sigmas_type="zero")),
     (HeunDiscreteScheduler, dict(SD, prediction_type="epsilon", timestep_spacing="leading",
                                  steps_offset=1)),
+    (HeunDiscreteScheduler, dict(SD, prediction_type="epsilon", timestep_spacing="trailing")),
 ]
 
 
