@@ -188,3 +188,32 @@ def test_sdxl_base_img2img_and_inpaint_match_diffusers(strength):
                        num_inference_steps=10, guidance_scale=5.0, guidance_rescale=0.0,
                        generator=torch.Generator().manual_seed(2), output_type="latent", **extra).images
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_a_seed_gives_the_same_image_at_any_batch_size(builtin):
+    """Image i draws from generator i only: a batch of three equals three runs alone."""
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(1, 3, 32, 32, generator=g)
+    mask = (torch.rand(1, 1, 32, 32, generator=g) > 0.5).float()
+    for extra in (dict(strength=0.6, eta=0.5), dict(strength=0.8, mask_image=mask, eta=0.5)):
+        eng = builtin.with_config(builtin.config.replace(sampler="euler_ancestral"))
+        batch = eng.run("a red circle on a solid black background", image=image, num_images_per_prompt=3,
+                        generator=[torch.Generator().manual_seed(s) for s in (4, 5, 6)],
+                        num_inference_steps=8, output_type="pt", **extra).images
+        for k, s in enumerate((4, 5, 6)):
+            alone = eng.run("a red circle on a solid black background", image=image,
+                            generator=torch.Generator().manual_seed(s), num_inference_steps=8,
+                            output_type="pt", **extra).images
+            torch.testing.assert_close(batch[k:k + 1], alone, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace", "karras"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m"])
+def test_every_sampler_and_spacing_runs_the_last_steps(builtin, sampler, spacing):
+    """int(10 * 0.5) = 5 steps run (the callback's count), and the result is finite."""
+    eng = builtin.with_config(builtin.config.replace(sampler=sampler, timestep_spacing=spacing))
+    steps = []
+    out = eng.run("a red circle on a solid black background", image=np.ones((32, 32, 3), np.float32),
+                  strength=0.5, num_inference_steps=10, callback=steps.append, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert steps == list(range(5)) and bool(torch.isfinite(out).all())

@@ -143,6 +143,16 @@ def test_webuiapi_img2img_runs_the_last_steps_from_the_image(api, eng):
     assert result.info["all_seeds"] == [5] and "Denoising strength: 0.5" in result.info["infotexts"][0]
 
 
+def test_img2img_takes_a_jpeg_with_a_data_url_prefix(client):
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, format="JPEG")
+    data = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    r = client.post("/sdapi/v1/img2img", json={"prompt": PROMPT, "width": 32, "height": 32,
+                                                "steps": 4, "init_images": [data]})
+    assert r.status_code == 200, r.text
+    assert png(r.json()["images"][0]).size == (32, 32)
+
+
 def test_webuiapi_inpaint_keeps_the_unmasked_pixels(api, eng):
     g = np.random.default_rng(3)
     source = Image.fromarray(g.integers(0, 256, (32, 32, 3), dtype=np.uint8))
