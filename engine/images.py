@@ -197,7 +197,7 @@ def start(engine, images: torch.Tensor, mask_image, strength: float, shape: tupl
         x0 = start_x0 = checked(encode(images, engine.components, generators, device, engine.dtype),
                                 latent_shape)
         if masked_content == "noise":  # A1111's "latent noise": the region starts from noise
-            m = latent_mask(mask_pixels(mask_image, tuple(images.shape[2:])), shape).to(device)
+            m = latent_mask(mask, shape).to(device)
             z = torch.stack([torch.randn(latent_shape[1:], generator=g,
                                          device=g.device if g is not None else "cpu")
                              for g in generators]).to(device)
