@@ -51,6 +51,7 @@ setup(
         "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "triton>=3.0", "matplotlib>=3.7",
                  "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "mypy>=1.10",
                  *RAY, "httpx>=0.27", "openai>=1.0", "webuiapi>=0.9.17",  # real API clients
+                 "DeepCache>=0.1.1",  # the DeepCache parity oracle (DeepCacheSDHelper)
                  # tests/test_namespace.py builds the wheel offline with this environment's
                  # setuptools (70.1 has bdist_wheel built in)
                  "setuptools>=70.1"],

@@ -27,7 +27,9 @@ from lumen.engine.runtime import Engine, TorchRunner
 
 from .presets import PRESETS
 
-ROWS = ("diffusers", "eager", "fused", "graph", "compiled", "tensorrt")
+ROWS = ("diffusers", "eager", "fused", "graph", "deepcache", "compiled", "tensorrt")
+DEEPCACHE = (3, 0)  # the deepcache row's (cache_interval, cache_branch_id): DeepCache's default
+APPROXIMATE = ("deepcache",)  # rows that change the result by design: max_diff reported, not checked
 PROMPT = "a red circle on a solid black background"  # in the built-in models' vocabulary
 
 
@@ -168,14 +170,16 @@ def diffusers_loop(setup: Setup, s: Settings):
     return loop
 
 
-def engine_loop(setup: Setup, runner, backend: str, graph: bool, kernels: str):
-    """Lumen's loop through Engine.sample; `kernels` is the LUMEN_KERNELS mode."""
+def engine_loop(setup: Setup, runner, backend: str, graph: bool, kernels: str, cache=None):
+    """Lumen's loop through Engine.sample; `kernels` is the LUMEN_KERNELS mode, `cache`
+    DeepCache's (interval, branch id) or None."""
     eng = Engine(setup.components, setup.config, runner, setup.device, setup.dtype, backend,
                  cuda_graph=graph, graphs=GraphCache(1))
+    request = {**setup.request, "cache": cache}
 
     def loop():
         with kernel_mode(kernels):
-            return eng.sample(**setup.request)
+            return eng.sample(**request)
     loop.engine = eng
     return loop
 
@@ -308,6 +312,10 @@ def row_loop(row: str, setup: Setup, s: Settings, runners: dict) -> tuple:
     if row == "fused":
         return (engine_loop(setup, runners["eager"], "torch", False, "auto"), "eager",
                 "Lumen loop, fused Triton step")
+    if row == "deepcache":
+        return (engine_loop(setup, runners["eager"], "torch", cuda, "auto", DEEPCACHE), "eager",
+                f"DeepCache interval {DEEPCACHE[0]}, branch {DEEPCACHE[1]}" +
+                (", fused step, whole-loop CUDA graph" if cuda else ", torch reference step"))
     unet = {"graph": "eager", "compiled": "compiled", "tensorrt": "tensorrt"}[row]
     backend = "tensorrt" if row == "tensorrt" else "torch"
     what = {"eager": "fused step, whole-loop CUDA graph", "compiled":

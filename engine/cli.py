@@ -33,6 +33,10 @@ def add_generate_parser(subparsers) -> None:
                         "int(steps * strength) steps run")
     p.add_argument("--mask", default=None, metavar="MASK.png",
                    help="with --image: inpaint where the mask is white, keep where it is black")
+    p.add_argument("--cache-interval", type=int, default=1,
+                   help="DeepCache: the full UNet every N-th step, its shallow branch between (1: off)")
+    p.add_argument("--cache-branch-id", type=int, default=0,
+                   help="DeepCache's branch: block = id // 3, layer = id % 3")
     add_lora_argument(p)
     p.set_defaults(func=run_generate)
 
@@ -63,6 +67,7 @@ def run_generate(args) -> int:
                          guidance_rescale=args.rescale, eta=args.eta, generator=generators,
                          height=args.height, width=args.width, num_images_per_prompt=args.num_images,
                          image=source, strength=args.strength, mask_image=mask,
+                         cache_interval=args.cache_interval, cache_branch_id=args.cache_branch_id,
                          callback=lambda i: bar.update(1)).images
     for path, image in zip(_output_paths(Path(args.output), len(images)), images):
         if args.upscale > 1:

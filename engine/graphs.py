@@ -52,6 +52,7 @@ class GraphKey:
     kernels: str = "reference"  # the step implementation captured: "triton" or "reference"
     initial_step: bool = False  # a SingDiffusion hand-over runs before the loop
     inpaint: str = ""  # "concat": a 9-channel UNet's extra inputs; "blend": the kept region
+    deepcache: tuple = ()  # DeepCache's (interval, branch id): which steps run the full UNet
 
 
 @dataclass

@@ -6,8 +6,9 @@ import torch
 
 from lumen import kernels
 
-from . import images, samplers
+from . import deepcache, images, samplers
 from .config import SamplerConfig
+from .deepcache import DeepCache
 from .errors import BackendUnavailableError, InvalidInputError, InvalidTypeError
 from .graphs import GraphCache, GraphKey, graph_runner, inpaint_kind, resolve_mode
 from .models import Components, load_components
@@ -165,7 +166,8 @@ class Engine:
             num_images_per_prompt: int = 1, output_type: str = "pil", callback=None,
             pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, clip_skip=None,
             original_size=None, crops_coords_top_left=None, target_size=None, image=None,
-            strength: float = 0.8, mask_image=None, masked_content: str = "original"):
+            strength: float = 0.8, mask_image=None, masked_content: str = "original",
+            cache_interval: int = 1, cache_branch_id: int = 0):
         """Generate images; the result has `.images` as in diffusers pipelines.
 
         image (image-to-image, diffusers' img2img conventions): PIL image(s), numpy HWC arrays or
@@ -178,6 +180,8 @@ class Engine:
         latents]; any other model's kept region follows the image, noised to each step's level.
         masked_content "noise" starts the masked region from Gaussian noise instead of the image
         (AUTOMATIC1111's "latent noise" fill), drawn right after the image's posterior sample.
+        cache_interval, cache_branch_id: DeepCache (engine.deepcache): the full UNet every
+        cache_interval-th step, the shallow branch cache_branch_id between; 1 is off.
 
         callback(i), if given, is called on the host after step i (it must not sync the device);
         with a CUDA graph the loop is one replay, so the calls come after it, in order.
@@ -191,7 +195,7 @@ class Engine:
                                generator, latents, height, width, num_images_per_prompt,
                                pooled_prompt_embeds, negative_pooled_prompt_embeds, clip_skip,
                                original_size, crops_coords_top_left, target_size, image, strength,
-                               mask_image, masked_content)
+                               mask_image, masked_content, cache_interval, cache_branch_id)
         x0 = self.sample(**request, callback=callback)
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
@@ -204,7 +208,8 @@ class Engine:
                 num_images_per_prompt: int = 1, pooled_prompt_embeds=None,
                 negative_pooled_prompt_embeds=None, clip_skip=None, original_size=None,
                 crops_coords_top_left=None, target_size=None, image=None,
-                strength: float = 0.8, mask_image=None, masked_content: str = "original") -> dict:
+                strength: float = 0.8, mask_image=None, masked_content: str = "original",
+                cache_interval: int = 1, cache_branch_id: int = 0) -> dict:
         """`sample`'s inputs for a request (run's arguments), checked and on the device."""
         self._check_scalars(num_inference_steps, guidance_scale, guidance_rescale, eta,
                             num_images_per_prompt)
@@ -241,18 +246,23 @@ class Engine:
         return dict(emb=emb, x_T=x_T, noise=noise, dp=dp, w=scalars[0],
                     phi=scalars[1], cfg=cfg,
                     added={k: v.to(self.device, self.dtype) for k, v in added.items()},
-                    inpaint=inpaint)
+                    inpaint=inpaint,
+                    cache=self._check_cache(cache_interval, cache_branch_id, plan.num_steps))
 
     def sample(self, emb, x_T, noise, dp: samplers.DevicePlan, w: torch.Tensor, phi: torch.Tensor,
                cfg: bool, callback=None, added: dict | None = None,
-               inpaint: dict | None = None) -> torch.Tensor:
-        """x0 [N, C, h, w] fp32 from `loop`, replayed from a captured graph when cuda_graph is on."""
+               inpaint: dict | None = None, cache: tuple | None = None) -> torch.Tensor:
+        """x0 [N, C, h, w] fp32 from `loop`, replayed from a captured graph when cuda_graph is on.
+
+        cache: DeepCache's (interval, branch id), or None."""
         added, inpaint = added or {}, inpaint or {}
         if not self.cuda_graph:
-            return self.loop(emb, x_T, noise, dp, w, phi, added, cfg, callback, inpaint=inpaint)
-        key = dataclasses.replace(self.graph_key(emb, x_T, dp, cfg), inpaint=inpaint_kind(inpaint))
-        x0 = self.graphs.run(key, lambda: self._graph_loop(cfg), emb, x_T, noise, dp, w, phi,
-                             added, inpaint)
+            return self.loop(emb, x_T, noise, dp, w, phi, added, cfg, callback, inpaint=inpaint,
+                             cache=cache)
+        key = dataclasses.replace(self.graph_key(emb, x_T, dp, cfg), inpaint=inpaint_kind(inpaint),
+                                  deepcache=cache or ())
+        x0 = self.graphs.run(key, lambda: self._graph_loop(cfg, cache), emb, x_T, noise, dp, w,
+                             phi, added, inpaint)
         for i in range(dp.plan.num_steps):
             samplers.notify(callback, i)
         return x0
@@ -270,18 +280,19 @@ class Engine:
                         kernels="triton" if kernels.use_triton(x_T) else "reference",
                         initial_step=self.components.initial_step is not None)
 
-    def _graph_loop(self, cfg: bool):
+    def _graph_loop(self, cfg: bool, cache: tuple | None = None):
         """The loop to capture for one key; a runner that needs per-graph state gets its own."""
         runner = graph_runner(self.runner)
 
         def loop(emb, x_T, noise, dp, w, phi, added, inpaint):
-            return self.loop(emb, x_T, noise, dp, w, phi, added, cfg, runner=runner, inpaint=inpaint)
+            return self.loop(emb, x_T, noise, dp, w, phi, added, cfg, runner=runner, inpaint=inpaint,
+                             cache=cache)
         return loop
 
     @torch.inference_mode()
     def loop(self, emb, x_T, noise, dp: samplers.DevicePlan, w: torch.Tensor, phi: torch.Tensor,
              added: dict, cfg: bool, callback=None, runner=None,
-             inpaint: dict | None = None) -> torch.Tensor:
+             inpaint: dict | None = None, cache: tuple | None = None) -> torch.Tensor:
         """The sampling loop from x_T to x0 (fp32); every input is already on the device.
 
         emb: [2N or N, L, D] ([negative, positive] when cfg); x_T: [N, C, h, w];
@@ -297,8 +308,12 @@ class Engine:
         runner = runner if runner is not None else self.runner
         inpaint = inpaint or {}
         cond = inpaint.get("cond")
+        deep = None if cache is None else DeepCache(*cache)
+        steps_of = samplers.evaluation_steps(dp.plan)  # the step of each evaluation point
 
         def model_output(x, k):  # x: [N, C, h, w] fp32 -> m: [2N or N, C, h, w], model dtype
+            if deep is not None:  # full or shallow: decided by the step index, on the host
+                deep.set_step(steps_of[k])
             x_in = x.to(dtype)
             rows = torch.cat([x_in, x_in]) if cfg else x_in
             if cond is not None:  # a 9-channel inpainting UNet: [latents, mask, masked image]
@@ -321,7 +336,24 @@ class Engine:
                 return (1 - m) * (dp.a_land[i] * x0_image + dp.s_land[i] * eps) + m * x
         if self.components.initial_step is not None:
             x_T = self.hand_over(x_T, emb, w, cfg, dp)
-        return samplers.sample(denoise, x_T, dp, noise, callback, ddim_step, keep)
+        if deep is None:
+            return samplers.sample(denoise, x_T, dp, noise, callback, ddim_step, keep)
+        with deep.active(self.components.unet):
+            return samplers.sample(denoise, x_T, dp, noise, callback, ddim_step, keep)
+
+    def _check_cache(self, interval, branch_id, steps: int) -> tuple | None:
+        """DeepCache's (interval, branch id) of a request, checked; None when off (interval 1)."""
+        deepcache.check(self.components.unet, interval, branch_id, steps)
+        if interval == 1:
+            return None
+        runner = self.runner
+        if not isinstance(runner, TorchRunner) or runner.compile_mode is not None:
+            what = f"backend={self.backend!r}" if not isinstance(runner, TorchRunner) else \
+                f"torch.compile ({runner.compile_mode})"
+            raise InvalidInputError(f"cache_interval={interval} with {what}; DeepCache runs on the "
+                                    "eager torch backend (its shallow branch is not exported or "
+                                    "compiled yet); expected cache_interval=1 here")
+        return interval, branch_id
 
     def hand_over(self, x_T, emb, w, cfg: bool, dp: samplers.DevicePlan) -> torch.Tensor:
         """SingDiffusion: x at the first listed timestep = a*x0_hat + s*x_T.

@@ -268,6 +268,13 @@ def sample(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor | Non
     return SAMPLE_FNS[plan.plan.sampler](denoise, x, plan, noise, callback, keep)
 
 
+def evaluation_steps(plan: Plan) -> list[int]:
+    """The step each evaluation point belongs to (Heun's corrector shares its step's index)."""
+    if not plan.corrector:
+        return list(range(plan.num_steps))
+    return [i for i, second in enumerate(plan.corrector) for _ in range(2 if second else 1)]
+
+
 def notify(callback, i: int) -> None:
     if callback is not None:
         callback(i)

@@ -19,6 +19,7 @@ import torch
 from lumen import kernels
 
 from . import samplers
+from .errors import InvalidInputError
 from .output import decode
 
 
@@ -63,6 +64,9 @@ class Slot:
 
 def split(engine, request: dict, owner=None) -> list[Slot]:
     """One slot per image of an `Engine.prepare` result (SingDiffusion's hand-over done here)."""
+    if request.get("cache"):
+        raise InvalidInputError("cache_interval > 1 in a scheduled request; the step scheduler "
+                                "runs every step in full (DeepCache is Engine.run's)")
     x_T, noise, emb, cfg = request["x_T"], request["noise"], request["emb"], request["cfg"]
     inpaint = request.get("inpaint") or {}
     n = x_T.shape[0]
