@@ -105,3 +105,14 @@ def test_generate_and_bench_take_deepcache(tmp_path, capsys):
     (path,) = tmp_path.glob("bench-*.json")
     rows = {r["row"]: r for r in json.loads(path.read_text())["rows"]}
     assert rows["deepcache"]["max_diff"] > 0 and rows["deepcache"]["loop_ms"] > 0
+
+
+def test_sdxl_matches_the_helper_on_stable_diffusion_xl_pipeline():
+    """DeepCacheSDHelper wraps any pipeline's UNet: on a tiny SDXL base pipeline it is the oracle too."""
+    from conftest import make_tiny_sdxl_pipeline
+
+    sdxl = make_tiny_sdxl_pipeline()
+    sdxl.set_progress_bar_config(disable=True)
+    want = theirs(sdxl, 3, 0)
+    got = ours(engine.build(sdxl, scheduler=sdxl.scheduler, device="cpu"), 3, 0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
