@@ -36,7 +36,7 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--cache-interval", type=int, default=1,
                    help="DeepCache: the full UNet every N-th step, its shallow branch between (1: off)")
     p.add_argument("--cache-branch-id", type=int, default=0,
-                   help="DeepCache's branch: block = id // 3, layer = id % 3")
+                   help="DeepCache's branch: block = id // 3, layer = id %% 3")
     add_lora_argument(p)
     p.set_defaults(func=run_generate)
 

@@ -343,9 +343,11 @@ class Engine:
 
     def _check_cache(self, interval, branch_id, steps: int) -> tuple | None:
         """DeepCache's (interval, branch id) of a request, checked; None when off (interval 1)."""
-        deepcache.check(self.components.unet, interval, branch_id, steps)
-        if interval == 1:
+        check_int("cache_interval", interval, 1, steps)
+        check_int("cache_branch_id", branch_id, 0)
+        if interval == 1:  # off: any UNet, any branch
             return None
+        deepcache.check(self.components.unet, interval, branch_id, steps)
         runner = self.runner
         if not isinstance(runner, TorchRunner) or runner.compile_mode is not None:
             what = f"backend={self.backend!r}" if not isinstance(runner, TorchRunner) else \
