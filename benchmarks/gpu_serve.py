@@ -72,10 +72,9 @@ def serve(sizes, out: Path) -> dict:
 
 def submit(batcher, prepared: dict) -> torch.Tensor:
     """One request through the scheduler, its inputs already prepared; its final latents."""
-    from lumen.serve.jobs import BatchKey, Job
+    from lumen.serve.jobs import Job
 
-    key = BatchKey(0, 0, 0, None, 0.0, 0.0, 0.0)  # not read: the job comes prepared
-    return batcher.submit(Job(key, ("",), ("",), (0,), request=prepared)).result(600)
+    return batcher.submit(Job.prepared(prepared)).result(600)
 
 
 def timed(fn, device: torch.device, reps: int) -> float:

@@ -17,11 +17,10 @@ from .errors import InvalidInputError
 _LOCK = threading.Lock()  # one run at a time may wrap a UNet's modules
 
 
-def check(unet, interval: int, branch_id: int, steps: int) -> None:
-    """Refuse an interval outside [1, steps], a branch the UNet lacks, a UNet DeepCache can't split."""
+def check(unet, branch_id: int) -> None:
+    """Refuse a UNet DeepCache can't split and a branch it lacks (the interval is the caller's)."""
     from .validation import check_int
 
-    check_int("cache_interval", interval, 1, steps)
     for name in ("down_blocks", "mid_block", "up_blocks"):
         if getattr(unet, name, None) is None:
             raise InvalidInputError(f"a UNet without {name} ({type(unet).__name__}); DeepCache "

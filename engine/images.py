@@ -169,7 +169,7 @@ def start(engine, images: torch.Tensor, mask_image, strength: float, shape: tupl
     then any step noise. Image-to-image starts from the image noised to the first listed point;
     inpainting at strength 1 starts from pure noise, as diffusers' inpaint pipeline does.
     """
-    from .runtime import draw_noise
+    from .runtime import draw_noise, generator_list
     from .validation import check_choice
 
     check_choice("masked_content", masked_content, MASKED_CONTENT)
@@ -180,17 +180,12 @@ def start(engine, images: torch.Tensor, mask_image, strength: float, shape: tupl
     if images.shape[0] not in (1, n):
         raise InvalidInputError(f"{images.shape[0]} images for {n} outputs (prompts x "
                                 "num_images_per_prompt); expected 1 or one per output")
-    generators = generator if isinstance(generator, (list, tuple)) else [generator] * n
-    if len(generators) != n:
-        raise InvalidInputError(f"{len(generators)} generators for {n} images; expected one per image")
+    generators = generator_list(generator, n)
     images = images.expand(n, -1, -1, -1)
     concat = engine.components.unet.config.in_channels == 9
     mask = None if mask_image is None else mask_pixels(mask_image, tuple(images.shape[2:]))
     if mask is not None and mask.shape[0] not in (1, n):
         raise InvalidInputError(f"{mask.shape[0]} masks for {n} outputs; expected 1 or one per output")
-    if concat and mask is None:
-        raise InvalidInputError("an inpainting UNet (in_channels=9) without mask_image; expected "
-                                "mask_image (white repaints, black keeps)")
     latent_shape = (n, 4, *shape[2:]) if concat else shape
     x0 = start_x0 = None
     if not (concat and strength == 1.0):

@@ -309,7 +309,7 @@ class Engine:
         inpaint = inpaint or {}
         cond = inpaint.get("cond")
         deep = None if cache is None else DeepCache(*cache)
-        steps_of = samplers.evaluation_steps(dp.plan)  # the step of each evaluation point
+        steps_of = None if deep is None else samplers.evaluation_steps(dp.plan)  # step of each point
 
         def model_output(x, k):  # x: [N, C, h, w] fp32 -> m: [2N or N, C, h, w], model dtype
             if deep is not None:  # full or shallow: decided by the step index, on the host
@@ -330,10 +330,8 @@ class Engine:
 
         keep = None
         if "mask" in inpaint:
-            m, x0_image, eps = inpaint["mask"], inpaint["x0"], inpaint["eps"]
-
             def keep(x, i):  # the kept region: the image noised to where step i landed
-                return (1 - m) * (dp.a_land[i] * x0_image + dp.s_land[i] * eps) + m * x
+                return samplers.keep_region(x, i, dp, inpaint["mask"], inpaint["x0"], inpaint["eps"])
         if self.components.initial_step is not None:
             x_T = self.hand_over(x_T, emb, w, cfg, dp)
         if deep is None:
@@ -347,7 +345,7 @@ class Engine:
         check_int("cache_branch_id", branch_id, 0)
         if interval == 1:  # off: any UNet, any branch
             return None
-        deepcache.check(self.components.unet, interval, branch_id, steps)
+        deepcache.check(self.components.unet, branch_id)
         runner = self.runner
         if not isinstance(runner, TorchRunner) or runner.compile_mode is not None:
             what = f"backend={self.backend!r}" if not isinstance(runner, TorchRunner) else \
@@ -399,6 +397,14 @@ class Engine:
         return (batch, config.in_channels, *sizes)
 
 
+def generator_list(generator, n: int) -> list:
+    """One generator (or None) per image: a list as given, or one generator shared in turn."""
+    generators = generator if isinstance(generator, (list, tuple)) else [generator] * n
+    if len(generators) != n:
+        raise InvalidInputError(f"{len(generators)} generators for {n} images; expected one per image")
+    return list(generators)
+
+
 def draw_noise(generator, shape: tuple, plan: samplers.Plan, device, latents=None, between=None):
     """(x_T [N, C, h, w], step noise [N, S, C, h, w] or None) in fp32, drawn sample by sample.
 
@@ -410,9 +416,7 @@ def draw_noise(generator, shape: tuple, plan: samplers.Plan, device, latents=Non
     masked-image posterior, in diffusers' order).
     """
     n, S = shape[0], plan.num_steps
-    generators = generator if isinstance(generator, (list, tuple)) else [generator] * n
-    if len(generators) != n:
-        raise InvalidInputError(f"{len(generators)} generators for {n} images; expected one per image")
+    generators = generator_list(generator, n)
     if latents is not None:
         check_latents(latents, shape)
     x_T, noise = [], []

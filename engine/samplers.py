@@ -268,6 +268,13 @@ def sample(denoise, x: torch.Tensor, plan: DevicePlan, noise: torch.Tensor | Non
     return SAMPLE_FNS[plan.plan.sampler](denoise, x, plan, noise, callback, keep)
 
 
+def keep_region(x: torch.Tensor, i: int, plan: DevicePlan, mask: torch.Tensor, x0: torch.Tensor,
+                eps: torch.Tensor) -> torch.Tensor:
+    """Inpainting with a model that does not see the mask: after step i the kept region (mask 0)
+    is the image x0 noised with eps to where the step landed; the masked region stays x."""
+    return (1 - mask) * (plan.a_land[i] * x0 + plan.s_land[i] * eps) + mask * x
+
+
 def evaluation_steps(plan: Plan) -> list[int]:
     """The step each evaluation point belongs to (Heun's corrector shares its step's index)."""
     if not plan.corrector:

@@ -234,8 +234,8 @@ def update(slot: Slot, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> 
     else:
         slot.x = c[i, 2] * x0 + c[i, 3] * eps
     if "mask" in slot.inpaint:  # as Engine.loop's keep: the kept region follows the image
-        p, dp = slot.inpaint, slot.dp
-        slot.x = (1 - p["mask"]) * (dp.a_land[i] * p["x0"] + dp.s_land[i] * p["eps"]) + p["mask"] * slot.x
+        p = slot.inpaint
+        slot.x = samplers.keep_region(slot.x, i, slot.dp, p["mask"], p["x0"], p["eps"])
     slot.i += 1
 
 

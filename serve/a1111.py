@@ -5,8 +5,6 @@ start-up; its own VAE; the LoRAs fused at start-up; no upscalers, styles, script
 or hypernetworks. An A1111 endpoint Lumen does not serve answers 404 with a message that
 names it, never a body a client could read as data.
 """
-import base64
-import binascii
 import hashlib
 import io
 import os
@@ -21,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict
 
 from .errors import NotServed
+from .img2img import b64_bytes
 from .output import png_base64
 from .schemas import A1111_SAMPLERS, A1111_SCHEDULERS, InvalidRequest
 
@@ -156,12 +155,7 @@ def png_info(data: str) -> dict:
 
 
 def decode_png(data: str) -> bytes:
-    text = data.split(",", 1)[1] if data.startswith("data:") else data
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest("image", "image is not valid base64; expected a base64 PNG "
-                                      "(a data:image/png;base64, prefix is allowed)") from None
+    raw = b64_bytes(data, "image", "a base64 PNG")
     if not raw.startswith(PNG_SIGNATURE):
         raise InvalidRequest("image", f"image starts with {raw[:8]!r}, not a PNG signature; "
                                       "expected a base64 PNG")

@@ -149,9 +149,7 @@ def add_image_routes(app: FastAPI, engine, model_name: str, limits: Limits) -> N
 
     @app.post(OPENAI_IMAGES)
     async def openai_images(body: OpenAIImageRequest, request: Request):
-        if body.model not in (None, model_name):
-            raise InvalidRequest("model", f"model={body.model!r}; this server serves only "
-                                          f"{model_name!r}")
+        check_model(body.model, model_name)
         order = openai_order(body, engine.config, size, limits.max_pixels, limits.images_per_request)
         return await openai_answer(request, order)
 
@@ -171,9 +169,7 @@ def add_image_routes(app: FastAPI, engine, model_name: str, limits: Limits) -> N
     @app.post(OPENAI_EDITS)
     async def openai_edits(request: Request):
         body, image, mask, strength = await edit_form(await request.form(), limits.max_pixels)
-        if body.model not in (None, model_name):
-            raise InvalidRequest("model", f"model={body.model!r}; this server serves only "
-                                          f"{model_name!r}")
+        check_model(body.model, model_name)
         order = openai_order(body, engine.config, size, limits.max_pixels, limits.images_per_request)
         image, mask, pixels, mask_pixels = resized(image, (order.key.width, order.key.height), mask)
         order = dataclasses.replace(order, image=pixels, mask=mask_pixels,
@@ -217,6 +213,12 @@ def add_image_routes(app: FastAPI, engine, model_name: str, limits: Limits) -> N
                     ignored=ignored_fields(body))
         return {"images": pngs + (extra or []), "parameters": body.model_dump(),
                 "info": json.dumps(info)}
+
+
+def check_model(model: str | None, served: str) -> None:
+    """An OpenAI request's `model` must be the served one (or left out)."""
+    if model not in (None, served):
+        raise InvalidRequest("model", f"model={model!r}; this server serves only {served!r}")
 
 
 def check_checkpoint(request: Request, body: A1111Txt2ImgRequest) -> None:

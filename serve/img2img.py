@@ -36,15 +36,19 @@ class A1111Img2ImgRequest(A1111Txt2ImgRequest):
     include_init_images: bool = False
 
 
-def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
-    """A base64 PNG or JPEG (a data: URL prefix allowed) as a PIL image, checked."""
+def b64_bytes(data: str, field: str, expected: str) -> bytes:
+    """The bytes of a base64 string (a data: URL prefix allowed), or a 422 naming field."""
     text = data.split(",", 1)[1] if data.startswith("data:") else data
     try:
-        raw = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidRequest(field, f"{field} is not valid base64; expected a base64 PNG or JPEG "
+        raise InvalidRequest(field, f"{field} is not valid base64; expected {expected} "
                                     "(a data:image/png;base64, prefix is allowed)") from None
-    return read_image(raw, field, max_pixels)
+
+
+def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
+    """A base64 PNG or JPEG (a data: URL prefix allowed) as a PIL image, checked."""
+    return read_image(b64_bytes(data, field, "a base64 PNG or JPEG"), field, max_pixels)
 
 
 def read_image(raw: bytes, field: str, max_pixels: int) -> Image.Image:

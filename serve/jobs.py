@@ -85,6 +85,13 @@ class Job:
     def __post_init__(self):
         assert len(self.prompts) == len(self.negative_prompts) == len(self.seeds) > 0
 
+    @classmethod
+    def prepared(cls, request: dict) -> "Job":
+        """A job of an `Engine.prepare` result (benchmarks, tests): its key and texts are not read."""
+        n = request["x_T"].shape[0]
+        return cls(BatchKey(0, 0, 0, None, 0.0, 0.0, 0.0), ("",) * n, ("",) * n, tuple(range(n)),
+                   request=request)
+
     @property
     def n(self) -> int:
         return len(self.seeds)

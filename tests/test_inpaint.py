@@ -163,7 +163,7 @@ def test_nine_channel_requests_on_the_step_scheduler_and_its_step_graphs_equal_t
     """The mask and masked-image rows join each slot's UNet rows, eagerly and from step graphs."""
     from lumen.engine.graphs import GraphCache
     from lumen.serve.batcher import Batcher
-    from lumen.serve.jobs import BatchKey, Job
+    from lumen.serve.jobs import Job
 
     from test_step_graphs import capture_by_rerun
 
@@ -171,11 +171,10 @@ def test_nine_channel_requests_on_the_step_scheduler_and_its_step_graphs_equal_t
     image, mask = mask_and_image()
     args = [dict(strength=s, num_inference_steps=n, guidance_scale=w)
             for s, n, w in ((0.5, 6, 7.5), (1.0, 4, 1.0), (0.75, 8, 5.0))]
-    key = BatchKey(0, 0, 0, None, 0.0, 0.0, 0.0)  # not read: the jobs come prepared
     for graphs in (None, GraphCache(8, capture=capture_by_rerun)):
         batcher = Batcher(eng, max_batch=8, batch_wait_ms=200, output_type="latent", step_graphs=graphs)
         try:
-            futures = [batcher.submit(Job(key, ("",), ("",), (i,), request=eng.prepare(
+            futures = [batcher.submit(Job.prepared(eng.prepare(
                 PROMPT, image=image, mask_image=mask, generator=torch.Generator().manual_seed(i), **a)))
                 for i, a in enumerate(args)]
             results = [f.result(timeout=120) for f in futures]

@@ -103,11 +103,8 @@ def test_cuda_step_graphs_replay_like_the_eager_scheduler():
     results = []
     for eng in (graphed, eager):
         batcher = Batcher(eng, max_batch=8, batch_wait_ms=50, output_type="latent")
-        key = BatchKey(0, 0, 0, None, 0.0, 0.0, 0.0)  # not read: the jobs come prepared
         try:
-            futures = [batcher.submit(Job(key, ("",) * r["x_T"].shape[0], ("",) * r["x_T"].shape[0],
-                                          tuple(range(r["x_T"].shape[0])), request=r))
-                       for r in requests()]
+            futures = [batcher.submit(Job.prepared(r)) for r in requests()]
             results.append([f.result(timeout=300) for f in futures])
         finally:
             batcher.stop()
