@@ -27,9 +27,10 @@ from lumen.engine.runtime import Engine, TorchRunner
 
 from .presets import PRESETS
 
-ROWS = ("diffusers", "eager", "fused", "graph", "deepcache", "compiled", "tensorrt")
+ROWS = ("diffusers", "eager", "fused", "graph", "deepcache", "compiled", "deepcache_compiled",
+        "tensorrt")
 DEEPCACHE = (3, 0)  # the deepcache row's (cache_interval, cache_branch_id): DeepCache's default
-APPROXIMATE = ("deepcache",)  # rows that change the result by design: max_diff reported, not checked
+APPROXIMATE = ("deepcache", "deepcache_compiled")  # rows that change the result by design: max_diff reported, not checked
 PROMPT = "a red circle on a solid black background"  # in the built-in models' vocabulary
 
 
@@ -288,7 +289,7 @@ def skip_reason(row: str, s: Settings, device: torch.device) -> str | None:
     cuda = device.type == "cuda"
     if row in ("fused", "graph") and not cuda:
         return "needs CUDA (on CPU the step runs the torch reference; graphs are CUDA-only)"
-    if row == "compiled" and not cuda and s.rows is None:
+    if row in ("compiled", "deepcache_compiled") and not cuda and s.rows is None:
         return "torch.compile on CPU takes minutes; name it in --rows to run it"
     if row == "tensorrt":
         from lumen.engine.errors import BackendUnavailableError
@@ -312,9 +313,11 @@ def row_loop(row: str, setup: Setup, s: Settings, runners: dict) -> tuple:
     if row == "fused":
         return (engine_loop(setup, runners["eager"], "torch", False, "auto"), "eager",
                 "Lumen loop, fused Triton step")
-    if row == "deepcache":
-        return (engine_loop(setup, runners["eager"], "torch", cuda, "auto", DEEPCACHE), "eager",
+    if row in ("deepcache", "deepcache_compiled"):
+        unet = "compiled" if row == "deepcache_compiled" else "eager"
+        return (engine_loop(setup, runners[unet], "torch", cuda, "auto", DEEPCACHE), unet,
                 f"DeepCache interval {DEEPCACHE[0]}, branch {DEEPCACHE[1]}" +
+                (f", torch.compile({s.compile_mode}) UNet" if unet == "compiled" else "") +
                 (", fused step, whole-loop CUDA graph" if cuda else ", torch reference step"))
     unet = {"graph": "eager", "compiled": "compiled", "tensorrt": "tensorrt"}[row]
     backend = "tensorrt" if row == "tensorrt" else "torch"
@@ -359,7 +362,8 @@ def run_rows(setup: Setup, s: Settings, say=print) -> list[Row]:
             rows.append(Row(name, "-", "-", skipped=reason))
             say(f"[{name}] skipped: {reason}")
             continue
-        unet = {"compiled": "compiled", "tensorrt": "tensorrt"}.get(name, "eager")
+        unet = {"compiled": "compiled", "deepcache_compiled": "compiled",
+                "tensorrt": "tensorrt"}.get(name, "eager")
         if unet not in runners:
             runners[unet], build_s[unet] = make_runner(unet, setup, s)
         loops[name], unet, what = row_loop(name, setup, s, runners)

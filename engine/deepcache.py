@@ -8,13 +8,21 @@ Which modules run is decided on the host from the step index alone, never from a
 captured loop holds the choice for each step. The rule and the module numbering are DeepCache's
 `DeepCacheSDHelper`'s, so an image equals that helper's on the same pipeline
 (tests/test_deepcache.py).
+
+The cached UNet is a clone of the engine's: new module objects sharing every parameter and
+buffer, whose blocks consult a `Switch` (off, full, or shallow at a branch) on each call. The
+engine's own UNet stays untouched, so runs without DeepCache go on concurrently, and the
+clone's wrappers never change, so torch.compile compiles the clone once per switch setting.
 """
-import contextlib
+import copy
+import itertools
 import threading
+
+import torch
 
 from .errors import InvalidInputError
 
-_LOCK = threading.Lock()  # one run at a time may wrap a UNet's modules
+LOCK = threading.Lock()  # one cached run (or scheduler call) at a time sets a clone's switch
 
 
 def check(unet, branch_id: int) -> None:
@@ -34,69 +42,102 @@ def largest_branch(unet) -> int:
     return 3 * (len(blocks) - 1) + min(len(blocks[-1].resnets), 3) - 1
 
 
-class DeepCache:
-    """The skip rule and the kept outputs of one run; `skip` is set before each UNet call."""
+def full_step(step: int, interval: int) -> bool:
+    """DeepCache's uniform schedule: step `step` of a run (0 first) runs the whole UNet."""
+    return step % interval == 0
 
-    def __init__(self, interval: int, branch_id: int):
-        self.interval, self.block, self.layer = interval, branch_id // 3, branch_id % 3
-        self.skip = False
+
+class Switch:
+    """What the clone's blocks do on the next call: run plainly (mode None), run and keep their
+    outputs ("full"), or return the kept outputs of what lies deeper than the branch
+    ("shallow"). `kept` maps each block's key to its output; `where` each key to its place in
+    DeepCache's numbering."""
+
+    def __init__(self):
+        self.mode: str | None = None
+        self.block = self.layer = 0
         self.kept: dict = {}
+        self.where: dict = {}
 
-    def set_step(self, step: int) -> None:
-        """Step `step` of the run (0 first): a full step every interval-th one."""
-        self.skip = step % self.interval != 0
+    def set(self, mode: str | None, branch_id: int = 0) -> None:
+        self.mode, self.block, self.layer = mode, branch_id // 3, branch_id % 3
 
-    def skipped(self, block: int, layer: int, kind: str) -> bool:
-        """DeepCache's rule: on a shallow step, what lies deeper than the branch is reused."""
-        if not self.skip:
-            return False
+    def deeper(self, key: tuple) -> bool:
+        """DeepCache's rule: whether the block's output is reused on a shallow step."""
+        block, layer, kind = self.where[key]
         if kind == "mid" or block > self.block:
             return True
         if block < self.block:
             return False
         return layer >= self.layer if kind == "down" else layer > self.layer
 
-    def wrap(self, module, key: tuple, block: int, layer: int, kind: str, restore: list) -> None:
-        forward = module.forward
-        restore.append((module, forward))
+    def reused(self) -> list[tuple]:
+        """The keys a shallow call at the current branch reads from `kept`."""
+        return [key for key in self.where if self.deeper(key)]
 
-        def cached(*args, **kwargs):
-            if self.skipped(block, layer, kind):
-                return self.kept[key]
-            out = self.kept[key] = forward(*args, **kwargs)
-            return out
-        module.forward = cached
 
-    @contextlib.contextmanager
-    def active(self, unet):
-        """Wrap the UNet's blocks (numbered as DeepCache numbers them) for one run."""
-        with _LOCK:
-            restore: list = []
-            try:
-                self.wrap_all(unet, restore)
-                yield self
-            finally:
-                for module, forward in reversed(restore):
-                    module.forward = forward
-                self.kept.clear()
+def clone(unet) -> tuple[torch.nn.Module, Switch]:
+    """A copy of the UNet's modules sharing its parameters and buffers, wired to a new Switch."""
+    shared = {id(t): t for t in itertools.chain(unet.parameters(), unet.buffers())}
+    twin = copy.deepcopy(unet, shared)
+    switch = Switch()
+    for module, key, place in numbered(twin):
+        switch.where[key] = place
+        wrap(module, key, switch)
+    return twin, switch
 
-    def wrap_all(self, unet, restore: list) -> None:
-        for b, block in enumerate(unet.down_blocks):
-            for i, attention in enumerate(getattr(block, "attentions", None) or []):
-                self.wrap(attention, ("down", "attn", b, i), b, i, "down", restore)
-            for i, resnet in enumerate(block.resnets):
-                self.wrap(resnet, ("down", "resnet", b, i), b, i, "down", restore)
-            for sampler in block.downsamplers or []:
-                self.wrap(sampler, ("down", "sampler", b), b, len(block.resnets), "down", restore)
-            self.wrap(block, ("down", "block", b), b, 0, "down", restore)
-        self.wrap(unet.mid_block, ("mid",), 0, 0, "mid", restore)
-        count = len(unet.up_blocks)
-        for u, block in enumerate(unet.up_blocks):
-            b, layers = count - u - 1, len(block.resnets)
-            for i, attention in enumerate(getattr(block, "attentions", None) or []):
-                self.wrap(attention, ("up", "attn", b, i), b, layers - i - 1, "up", restore)
-            for i, resnet in enumerate(block.resnets):
-                self.wrap(resnet, ("up", "resnet", b, i), b, layers - i - 1, "up", restore)
-            for sampler in block.upsamplers or []:
-                self.wrap(sampler, ("up", "sampler", b), b, 0, "up", restore)
-            self.wrap(block, ("up", "block", b), b, 0, "up", restore)
+
+def wrap(module, key: tuple, switch: Switch) -> None:
+    forward = module.forward
+
+    def cached(*args, **kwargs):
+        if switch.mode == "shallow" and switch.deeper(key):
+            return switch.kept[key]
+        out = forward(*args, **kwargs)
+        if switch.mode == "full":  # keep every output for the shallow calls after it
+            switch.kept[key] = out
+        return out
+    module.forward = cached
+
+
+def numbered(unet):
+    """(module, key, (block, layer, kind)) of each block DeepCache numbers, as it numbers them."""
+    for b, block in enumerate(unet.down_blocks):
+        for i, attention in enumerate(getattr(block, "attentions", None) or []):
+            yield attention, ("down", "attn", b, i), (b, i, "down")
+        for i, resnet in enumerate(block.resnets):
+            yield resnet, ("down", "resnet", b, i), (b, i, "down")
+        for sampler in block.downsamplers or []:
+            yield sampler, ("down", "sampler", b), (b, len(block.resnets), "down")
+        yield block, ("down", "block", b), (b, 0, "down")
+    yield unet.mid_block, ("mid",), (0, 0, "mid")
+    count = len(unet.up_blocks)
+    for u, block in enumerate(unet.up_blocks):
+        b, layers = count - u - 1, len(block.resnets)
+        for i, attention in enumerate(getattr(block, "attentions", None) or []):
+            yield attention, ("up", "attn", b, i), (b, layers - i - 1, "up")
+        for i, resnet in enumerate(block.resnets):
+            yield resnet, ("up", "resnet", b, i), (b, layers - i - 1, "up")
+        for sampler in block.upsamplers or []:
+            yield sampler, ("up", "sampler", b), (b, 0, "up")
+        yield block, ("up", "block", b), (b, 0, "up")
+
+
+def rows_of(keys: list[tuple], sources: list[tuple]) -> dict:
+    """The kept outputs of `keys` for a call's rows: row r is row sources[r][1] of the outputs
+    sources[r][0] kept (each image reads its own last full call's features)."""
+    return {key: _cat([_row(outputs[key], p) for outputs, p in sources]) for key in keys}
+
+
+def _row(out, p: int):
+    """Row p of a block's output (a tensor or a tuple of them, as UNet blocks return)."""
+    if isinstance(out, torch.Tensor):
+        return out[p:p + 1]
+    return type(out)(_row(v, p) for v in out)
+
+
+def _cat(parts: list):
+    """Rows of block outputs stacked back into one output."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return type(parts[0])(_cat(list(v)) for v in zip(*parts))

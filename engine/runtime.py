@@ -8,7 +8,6 @@ from lumen import kernels
 
 from . import deepcache, images, samplers
 from .config import SamplerConfig
-from .deepcache import DeepCache
 from .errors import BackendUnavailableError, InvalidInputError, InvalidTypeError
 from .graphs import GraphCache, GraphKey, graph_runner, inpaint_kind, resolve_mode
 from .models import Components, load_components
@@ -124,11 +123,20 @@ class TorchRunner:
     def __init__(self, unet: torch.nn.Module, compile_mode: str | None = None):
         self.unet, self.compile_mode = unet, compile_mode
         self.module = unet
+        self._cached = None
         if compile_mode is not None:
             mode = None if compile_mode == "default" else compile_mode
             # dynamic=None: a second shape recompiles once with dynamic shapes instead of once
             # per shape, which with fullgraph=True would fail hard at dynamo's recompile limit.
             self.module = torch.compile(unet, mode=mode, fullgraph=True, dynamic=None)
+
+    def cached(self) -> tuple["TorchRunner", "deepcache.Switch"]:
+        """DeepCache's runner (a clone of the UNet sharing its weights, compiled as this one is)
+        and the switch its blocks follow; the caller holds deepcache.LOCK."""
+        if self._cached is None:
+            twin, switch = deepcache.clone(self.unet)
+            self._cached = TorchRunner(twin, self.compile_mode), switch
+        return self._cached
 
     def __call__(self, x, t, emb, **added):
         # added: SDXL's text_embeds and time_ids; None keeps plain UNets' call unchanged.
@@ -308,12 +316,13 @@ class Engine:
         runner = runner if runner is not None else self.runner
         inpaint = inpaint or {}
         cond = inpaint.get("cond")
-        deep = None if cache is None else DeepCache(*cache)
-        steps_of = None if deep is None else samplers.evaluation_steps(dp.plan)  # step of each point
+        switch = None  # DeepCache's, when the run uses it (set below)
+        steps_of = None if cache is None else samplers.evaluation_steps(dp.plan)  # step of each point
 
         def model_output(x, k):  # x: [N, C, h, w] fp32 -> m: [2N or N, C, h, w], model dtype
-            if deep is not None:  # full or shallow: decided by the step index, on the host
-                deep.set_step(steps_of[k])
+            if switch is not None:  # full or shallow: decided by the step index, on the host
+                switch.set("full" if deepcache.full_step(steps_of[k], cache[0]) else "shallow",
+                           cache[1])
             x_in = x.to(dtype)
             rows = torch.cat([x_in, x_in]) if cfg else x_in
             if cond is not None:  # a 9-channel inpainting UNet: [latents, mask, masked image]
@@ -334,10 +343,15 @@ class Engine:
                 return samplers.keep_region(x, i, dp, inpaint["mask"], inpaint["x0"], inpaint["eps"])
         if self.components.initial_step is not None:
             x_T = self.hand_over(x_T, emb, w, cfg, dp)
-        if deep is None:
+        if cache is None:
             return samplers.sample(denoise, x_T, dp, noise, callback, ddim_step, keep)
-        with deep.active(self.components.unet):
-            return samplers.sample(denoise, x_T, dp, noise, callback, ddim_step, keep)
+        with deepcache.LOCK:  # the clone's switch and kept features are this run's
+            runner, switch = runner.cached()
+            try:
+                return samplers.sample(denoise, x_T, dp, noise, callback, ddim_step, keep)
+            finally:
+                switch.set(None)
+                switch.kept.clear()
 
     def _check_cache(self, interval, branch_id, steps: int) -> tuple | None:
         """DeepCache's (interval, branch id) of a request, checked; None when off (interval 1)."""
@@ -346,13 +360,11 @@ class Engine:
         if interval == 1:  # off: any UNet, any branch
             return None
         deepcache.check(self.components.unet, branch_id)
-        runner = self.runner
-        if not isinstance(runner, TorchRunner) or runner.compile_mode is not None:
-            what = f"backend={self.backend!r}" if not isinstance(runner, TorchRunner) else \
-                f"torch.compile ({runner.compile_mode})"
-            raise InvalidInputError(f"cache_interval={interval} with {what}; DeepCache runs on the "
-                                    "eager torch backend (its shallow branch is not exported or "
-                                    "compiled yet); expected cache_interval=1 here")
+        if not isinstance(self.runner, TorchRunner):
+            raise InvalidInputError(f"cache_interval={interval} with backend={self.backend!r}; "
+                                    "DeepCache runs on the torch backend, eager or compiled (its "
+                                    "shallow branch is not exported to ONNX); expected "
+                                    "cache_interval=1 here, or backend='torch'")
         return interval, branch_id
 
     def hand_over(self, x_T, emb, w, cfg: bool, dp: samplers.DevicePlan) -> torch.Tensor:

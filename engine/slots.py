@@ -18,8 +18,7 @@ import torch
 
 from lumen import kernels
 
-from . import samplers
-from .errors import InvalidInputError
+from . import deepcache, samplers
 from .output import decode
 
 
@@ -41,6 +40,8 @@ class Slot:
     x0: torch.Tensor | None = None  # [1, C, h, w] the latest x0 estimate (previews, interrupts)
     state: dict = field(default_factory=dict)  # sampler state: x0_prev; x_hat, eps, x_next
     inpaint: dict = field(default_factory=dict)  # {"cond"} rows like emb, or {"mask", "x0", "eps"}
+    cache: tuple | None = None  # DeepCache's (interval, branch id), None when off
+    kept: tuple | None = None  # DeepCache: (the outputs its last full call kept, its rows there)
 
     @property
     def steps(self) -> int:
@@ -56,6 +57,13 @@ class Slot:
         return 2 if self.cfg else 1
 
     @property
+    def shallow(self) -> bool:
+        """DeepCache: whether this evaluation runs only the shallow branch (engine.deepcache)."""
+        if self.cache is None:
+            return False
+        return samplers.evaluation_steps(self.dp.plan)[self.k] % self.cache[0] != 0
+
+    @property
     def shape_key(self) -> tuple:
         """What rows sharing a UNet call must agree on: the latent and text shapes, and whether
         the UNet also sees a mask and masked-image latents (a 9-channel inpainting model)."""
@@ -64,9 +72,6 @@ class Slot:
 
 def split(engine, request: dict, owner=None) -> list[Slot]:
     """One slot per image of an `Engine.prepare` result (SingDiffusion's hand-over done here)."""
-    if request.get("cache"):
-        raise InvalidInputError("cache_interval > 1 in a scheduled request; the step scheduler "
-                                "runs every step in full (DeepCache is Engine.run's)")
     x_T, noise, emb, cfg = request["x_T"], request["noise"], request["emb"], request["cfg"]
     inpaint = request.get("inpaint") or {}
     n = x_T.shape[0]
@@ -81,7 +86,8 @@ def split(engine, request: dict, owner=None) -> list[Slot]:
             {k: v[j:j + 1] for k, v in inpaint.items()}
         slots.append(Slot(emb_j, {k: v[rows] for k, v in request["added"].items()}, request["dp"],
                           request["w"], request["phi"], cfg, x,
-                          None if noise is None else noise[j:j + 1], owner, inpaint=own))
+                          None if noise is None else noise[j:j + 1], owner, inpaint=own,
+                          cache=request.get("cache")))
     return slots
 
 
@@ -127,7 +133,7 @@ def evaluate(engine, slots: list[Slot], graphs=None) -> list[bool]:
     ordered = [s for s in slots if s.cfg] + [s for s in slots if not s.cfg]
     x_in = [model_input(s) for s in ordered]
     inputs = StepInputs.gather(ordered, x_in)
-    if graphs is None:
+    if graphs is None or inputs.deep is not None:  # DeepCache's split calls run eagerly
         x0, eps = model_step(engine, engine.runner, inputs)
     else:
         from .step_graphs import run_graphed
@@ -154,6 +160,7 @@ class StepInputs:
     w: torch.Tensor  # [n] fp32 guidance scale
     phi: torch.Tensor  # [n] fp32 guidance rescale
     cond: torch.Tensor | None = None  # [n + n_cfg, 5, h, w] a 9-channel UNet's mask and masked image
+    deep: list | None = None  # with DeepCache: per row, (its slot, the slot's row: 0 or 1)
 
     @classmethod
     def gather(cls, slots: list[Slot], x_in: list[torch.Tensor]) -> "StepInputs":
@@ -169,7 +176,8 @@ class StepInputs:
                    per_image([s.dp.a[s.k] for s in slots]), per_image([s.dp.s[s.k] for s in slots]),
                    per_image([s.w for s in slots]), per_image([s.phi for s in slots]),
                    torch.cat([s.inpaint["cond"][r:r + 1] for s, r in rows])
-                   if "cond" in slots[0].inpaint else None)
+                   if "cond" in slots[0].inpaint else None,
+                   rows if any(s.cache for s in slots) else None)
 
     def args(self) -> tuple:
         return (self.x, self.t, self.emb, self.added, self.a, self.s, self.w, self.phi, self.cond)
@@ -191,7 +199,10 @@ def model_step(engine, runner, inputs: StepInputs) -> tuple[torch.Tensor, torch.
         t_rows = t_rows[0]  # calls() gave this call one timestep
     if inputs.cond is not None:  # a 9-channel inpainting UNet: [latents, mask, masked image]
         sample = torch.cat([sample, inputs.cond], dim=1)
-    m = runner(sample, t_rows, inputs.emb, **inputs.added)
+    if inputs.deep is None:
+        m = runner(sample, t_rows, inputs.emb, **inputs.added)
+    else:
+        m = deep_call(engine, runner, inputs, sample, t_rows)
     prediction_type, parts = engine.config.prediction_type, []
     for cfg, rows, images in ((True, slice(0, 2 * nc), slice(0, nc)),
                               (False, slice(2 * nc, None), slice(nc, None))):
@@ -200,6 +211,56 @@ def model_step(engine, runner, inputs: StepInputs) -> tuple[torch.Tensor, torch.
                 m[rows], x[images], inputs.a[images], inputs.s[images], inputs.w[images],
                 inputs.phi[images], prediction_type, cfg))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def deep_call(engine, runner, inputs: StepInputs, sample, t_rows) -> torch.Tensor:
+    """The UNet output of a call whose rows use DeepCache: one call for the rows at a full step
+    (and those without DeepCache), one per branch for the rows at a shallow step, each row
+    reading its own image's kept features. Rows of different phases split rather than all
+    running the full UNet: fewer FLOPs for the same image (docs/serving.md#the-step-scheduler)."""
+    groups: dict = {}  # None: full; else the branch id of the shallow rows
+    for r, (slot, _) in enumerate(inputs.deep):
+        groups.setdefault(slot.cache[1] if slot.shallow else None, []).append(r)
+    m = None
+    with deepcache.LOCK:
+        cached, switch = runner.cached()
+        try:
+            for branch, rows in groups.items():
+                switch.kept.clear()
+                if branch is None:  # full: keep the outputs if any of these images caches
+                    switch.set("full" if any(inputs.deep[r][0].cache for r in rows) else None)
+                else:
+                    switch.set("shallow", branch)
+                    switch.kept.update(deepcache.rows_of(switch.reused(), [
+                        (slot.kept[0], slot.kept[1][j]) for slot, j in (inputs.deep[r] for r in rows)]))
+                if len(groups) == 1:
+                    out = cached(sample, t_rows, inputs.emb, **inputs.added)
+                else:
+                    index = torch.tensor(rows, device=sample.device)
+                    out = cached(sample[index], t_rows[index], inputs.emb[index],
+                                 **{k: v[index] for k, v in inputs.added.items()})
+                if switch.mode == "full":
+                    keep(inputs.deep, rows, dict(switch.kept))
+                if len(groups) == 1:
+                    return out
+                if m is None:
+                    m = out.new_empty((sample.shape[0], *out.shape[1:]))
+                m[index] = out
+        finally:
+            switch.set(None)
+            switch.kept.clear()
+    return m
+
+
+def keep(deep: list, rows: list[int], kept: dict) -> None:
+    """After a full call over `rows`: each cached image holds its rows' positions in `kept`."""
+    where: dict = {}
+    for position, r in enumerate(rows):
+        slot, j = deep[r]
+        where.setdefault(slot, {})[j] = position
+    for slot, positions in where.items():
+        if slot.cache is not None:
+            slot.kept = (kept, [positions[j] for j in sorted(positions)])
 
 
 def model_input(slot: Slot) -> torch.Tensor:

@@ -5,7 +5,7 @@ Form fields as OpenAI defines them: `image` (or `image[]`: one image, PNG or JPE
 transparency is its own mask), `prompt`, `n`, `size` (default: the image's; the image is
 resized to it), `response_format` (b64_json), `model`. Lumen's fields come as form fields too:
 `negative_prompt`, `num_inference_steps`, `guidance_scale`, `guidance_rescale`, `eta`, `seed`,
-`sampler` and `strength` (default 1 with a mask: the transparent region is drawn anew; 0.75
+`sampler`, `cache_interval`, `cache_branch_id` and `strength` (default 1 with a mask: the transparent region is drawn anew; 0.75
 without: image-to-image). Other OpenAI fields are accepted and change nothing.
 """
 import numpy as np
@@ -17,7 +17,8 @@ from .img2img import read_image, to_tensor
 from .schemas import InvalidRequest, OpenAIImageRequest
 
 LUMEN_FIELDS = ("prompt", "model", "n", "size", "response_format", "negative_prompt",
-                "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "seed", "sampler")
+                "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "seed", "sampler",
+                "cache_interval", "cache_branch_id")
 
 
 async def edit_form(form, max_pixels: int) -> tuple[OpenAIImageRequest, Image.Image, Image.Image | None, float]:

@@ -52,6 +52,8 @@ class BatchKey:
     strength: float | None = None  # image-to-image: the share of the steps that run; None: text
     inpaint: bool = False  # a mask came with the image
     masked_content: str = "original"  # where the masked region starts: the image, or "noise"
+    cache_interval: int = 1  # DeepCache: the full UNet every cache_interval-th step (1: off)
+    cache_branch_id: int = 0  # DeepCache's shallow branch
 
     @property
     def cfg(self) -> bool:
@@ -114,4 +116,5 @@ def prepare(engine, job: Job) -> dict:
         guidance_rescale=key.guidance_rescale, eta=key.eta, generator=job.generators(),
         height=key.height, width=key.width, clip_skip=key.clip_skip, image=job.image,
         strength=0.8 if key.strength is None else key.strength, mask_image=job.mask,
-        masked_content=key.masked_content)
+        masked_content=key.masked_content, cache_interval=key.cache_interval,
+        cache_branch_id=key.cache_branch_id)

@@ -32,6 +32,9 @@ def infotext(prompt: str, negative_prompt: str, key: BatchKey, seed: int, model:
     if config.s_churn and config.sampler in ("euler", "heun"):
         fields.update({"Sigma churn": config.s_churn, "Sigma tmin": config.s_tmin,
                        "Sigma tmax": config.s_tmax, "Sigma noise": config.s_noise})
+    if key.cache_interval > 1:
+        fields.update({"DeepCache interval": key.cache_interval,
+                       "DeepCache branch": key.cache_branch_id})
     fields["Version"] = "Lumen"
     lines = [prompt]
     if negative_prompt:

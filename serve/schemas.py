@@ -69,6 +69,8 @@ class OpenAIImageRequest(BaseModel):
     eta: float = 0.0
     seed: int | None = None
     sampler: str | None = None
+    cache_interval: int = 1  # DeepCache (engine.deepcache); 1 is off
+    cache_branch_id: int = 0
 
 
 class A1111Txt2ImgRequest(BaseModel):
@@ -94,6 +96,8 @@ class A1111Txt2ImgRequest(BaseModel):
     s_tmax: float | None = None
     s_noise: float | None = None
     guidance_rescale: float = 0.7  # Lumen's: A1111 has no CFG rescale
+    cache_interval: int = 1  # Lumen's: DeepCache (engine.deepcache); 1 is off
+    cache_branch_id: int = 0
     # sd_model_checkpoint (the served model, else refused) and CLIP_stop_at_last_layers are
     # applied; other keys are ignored and reported.
     override_settings: dict[str, Any] = Field(default_factory=dict)
@@ -142,7 +146,8 @@ def openai_order(req: OpenAIImageRequest, base: SamplerConfig, default_size, max
     check_limits(width, height, req.n, max_pixels, max_images, "size", "n")
     config = base if req.sampler is None else sampler_config(base, req.sampler, "sampler")
     key = BatchKey(height, width, req.num_inference_steps, config, req.guidance_scale,
-                   req.guidance_rescale, req.eta)
+                   req.guidance_rescale, req.eta, cache_interval=req.cache_interval,
+                   cache_branch_id=req.cache_branch_id)
     negative = req.negative_prompt or ""
     return Order(key, (req.prompt,) * req.n, (negative,) * req.n, seeds_for(req.seed, req.n))
 
@@ -184,7 +189,8 @@ def a1111_order(req: A1111Txt2ImgRequest, base: SamplerConfig, max_pixels: int,
     eta = {"ddim": 0.0, "euler_ancestral": 1.0}.get(sampler)
     eta = 0.0 if eta is None else (eta if req.eta is None else req.eta)
     key = BatchKey(req.height, req.width, req.steps, config, req.cfg_scale, req.guidance_rescale, eta,
-                   clip_skip_of(req.override_settings))
+                   clip_skip_of(req.override_settings), cache_interval=req.cache_interval,
+                   cache_branch_id=req.cache_branch_id)
     return Order(key, (req.prompt,) * n, (req.negative_prompt,) * n, seeds_for(req.seed, n)), label
 
 

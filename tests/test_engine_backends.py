@@ -19,6 +19,8 @@ def test_run_on_onnxruntime_matches_torch(tiny_unet, tmp_path, guidance_scale):
     b = ref.run(**args, generator=torch.Generator().manual_seed(1)).images
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert float(b.std()) > 0.1
+    with pytest.raises(engine.InvalidInputError, match="cache_interval=2 with backend='onnxruntime'"):
+        ort.run(**args, cache_interval=2)  # DeepCache's shallow branch is not exported
 
 
 def test_backend_options_are_refused_for_torch(tiny_unet):
