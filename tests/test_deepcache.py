@@ -257,3 +257,26 @@ def test_both_server_apis_take_cache_interval_and_cache_branch_id():
             assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200  # still serving
     finally:
         server.stop()
+
+
+def test_plain_runs_beside_a_cached_run_are_untouched(pipe):
+    """Cached runs use a clone of the UNet's modules: a plain run on another thread at the same
+    time sees the UNet as it is, and each thread gets its serial result."""
+    import threading
+
+    eng = engine.build(pipe, scheduler=pipe.scheduler, device="cpu")
+    want = {1: ours(eng, 1, 0, steps=6), 3: ours(eng, 3, 0, steps=6)}
+    got = {1: [], 3: []}
+
+    def work(interval):
+        for _ in range(4):
+            got[interval].append(ours(eng, interval, 0, steps=6))
+    threads = [threading.Thread(target=work, args=(i,)) for i in (1, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for interval, results in got.items():
+        assert len(results) == 4
+        for result in results:
+            torch.testing.assert_close(result, want[interval], rtol=0, atol=0)
