@@ -53,6 +53,8 @@ class GraphKey:
     initial_step: bool = False  # a SingDiffusion hand-over runs before the loop
     inpaint: str = ""  # "concat": a 9-channel UNet's extra inputs; "blend": the kept region
     deepcache: tuple = ()  # DeepCache's (interval, branch id): which steps run the full UNet
+    controlnets: int = 0  # ControlNets run beside the UNet
+    guess_mode: bool = False  # the ControlNets see the conditional rows only
 
 
 @dataclass
@@ -67,29 +69,35 @@ class StaticInputs:
     plan: DevicePlan  # timesteps, a, s, coef, a_start, s_start as device tensors
     added: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL text_embeds, time_ids
     inpaint: dict[str, torch.Tensor] = field(default_factory=dict)  # mask, kept latents
+    control: dict[str, torch.Tensor] = field(default_factory=dict)  # control images, scale table
 
     @classmethod
-    def like(cls, emb, x_T, noise, w, phi, plan: DevicePlan, added, inpaint=None) -> "StaticInputs":
+    def like(cls, emb, x_T, noise, w, phi, plan: DevicePlan, added, inpaint=None,
+             control=None) -> "StaticInputs":
         """Fresh buffers with the request's values (allocated outside any capture)."""
         def copy(t):
             return None if t is None else t.detach().clone(memory_format=torch.contiguous_format)
         tensors = {name: copy(getattr(plan, name)) for name in PLAN_TENSORS}
         return cls(copy(emb), copy(x_T), copy(noise), copy(w), copy(phi),
                    DevicePlan(plan.plan, **tensors), {k: copy(v) for k, v in added.items()},
-                   {k: copy(v) for k, v in (inpaint or {}).items()})
+                   {k: copy(v) for k, v in (inpaint or {}).items()},
+                   {k: copy(v) for k, v in (control or {}).items()})
 
-    def load(self, emb, x_T, noise, w, phi, plan: DevicePlan, added, inpaint=None) -> None:
+    def load(self, emb, x_T, noise, w, phi, plan: DevicePlan, added, inpaint=None,
+             control=None) -> None:
         """Copy one request's values in (device-to-device, on the current stream)."""
         pairs = [(self.emb, emb), (self.x_T, x_T), (self.noise, noise), (self.w, w),
                  (self.phi, phi)] + [(getattr(self.plan, n), getattr(plan, n)) for n in PLAN_TENSORS]
         pairs += [(self.added[k], v) for k, v in added.items()]
         pairs += [(self.inpaint[k], v) for k, v in (inpaint or {}).items()]
+        pairs += [(self.control[k], v) for k, v in (control or {}).items()]
         for static, value in pairs:
             if static is not None:  # noise is None in both or in neither: it is part of the key
                 static.copy_(value)
 
     def args(self):
-        return self.emb, self.x_T, self.noise, self.plan, self.w, self.phi, self.added, self.inpaint
+        return (self.emb, self.x_T, self.noise, self.plan, self.w, self.phi, self.added,
+                self.inpaint, self.control)
 
     @property
     def device(self) -> torch.device:
@@ -171,14 +179,17 @@ class GraphCache:
             self._pool = None
 
     def run(self, key: GraphKey, make_loop: Callable[[], Callable[..., torch.Tensor]], emb, x_T,
-            noise, plan, w, phi, added, inpaint=None) -> torch.Tensor:
-        """loop(emb, x_T, noise, plan, w, phi, added, inpaint)'s result, from a replay of key's graph.
+            noise, plan, w, phi, added, inpaint=None, control=None) -> torch.Tensor:
+        """loop(emb, x_T, noise, plan, w, phi, added, inpaint, control)'s result, from a replay
+        of key's graph.
 
         make_loop() gives the loop to capture; it is called only when key is not cached.
         """
         return self.replay(key, make_loop,
-                           lambda: StaticInputs.like(emb, x_T, noise, w, phi, plan, added, inpaint),
-                           lambda inputs: inputs.load(emb, x_T, noise, w, phi, plan, added, inpaint),
+                           lambda: StaticInputs.like(emb, x_T, noise, w, phi, plan, added, inpaint,
+                                                     control),
+                           lambda inputs: inputs.load(emb, x_T, noise, w, phi, plan, added, inpaint,
+                                                      control),
                            x_T.device)
 
     def replay(self, key, make_fn: Callable, new_inputs: Callable, load: Callable, device):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from . import controlnet as controlnets
 from .clip import ClipPromptEncoder, SdxlPromptEncoder
 from .errors import InvalidInputError, InvalidTypeError
 from .lora import fuse_loras, parse_loras
@@ -25,6 +26,7 @@ class Components:
     vae: torch.nn.Module | None = None
     initial_step: torch.nn.Module | None = None  # SingDiffusion x0-predictor(x_T, embeddings)
     loras: tuple = ()  # the fused LoRAs' {sha256, scale} (engine.lora), for export cache keys
+    controlnets: tuple = ()  # diffusers ControlNetModels (engine.controlnet)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -36,7 +38,7 @@ class Components:
     def to(self, device, dtype):
         """Move every module to device/dtype, in place; a VAE that overflows in fp16 stays fp32."""
         text_modules = getattr(self.text_encoder, "parts", (self.text_encoder,))
-        for module in (self.unet, self.vae, *text_modules, self.initial_step):
+        for module in (self.unet, self.vae, *text_modules, self.initial_step, *self.controlnets):
             if isinstance(module, torch.nn.Module):
                 want = self.vae_dtype(dtype) if module is self.vae else dtype
                 module.eval().requires_grad_(False).to(device=device)
@@ -51,7 +53,7 @@ class Components:
         return torch.float32 if dtype == torch.float16 and upcast else dtype
 
 
-def load_components(model, initial_step=None, lora=None) -> Components:
+def load_components(model, initial_step=None, lora=None, controlnet=None) -> Components:
     """Components from a UNet2DConditionModel, a DiffusionPipeline, a folder, or a built-in name,
     with the LoRAs of `lora` (engine.lora.parse_loras) fused in; a model passed in as an object
     keeps its own weights."""
@@ -68,6 +70,9 @@ def load_components(model, initial_step=None, lora=None) -> Components:
         raise InvalidTypeError(f"model of type {type(model).__name__}; expected a UNet2DConditionModel, "
                                "a DiffusionPipeline, a local folder path, or a built-in model name")
     components.initial_step = _initial_step(initial_step)
+    if controlnet is not None:  # given: replaces a pipeline's own
+        components.controlnets = controlnets.load(controlnet)
+    controlnets.check(components.unet, components.controlnets)
     return fuse_loras(_checked(components), loras, copy_modules=not isinstance(model, (str, Path)))
 
 
@@ -139,7 +144,8 @@ def _folder_vae(path: Path):
 def _from_pipeline(pipe) -> Components:
     scheduler = getattr(pipe, "scheduler", None)
     config = dict(scheduler.config, _class_name=type(scheduler).__name__) if scheduler else None
-    return Components(pipe.unet, config, _pipeline_text_encoder(pipe), getattr(pipe, "vae", None))
+    return Components(pipe.unet, config, _pipeline_text_encoder(pipe), getattr(pipe, "vae", None),
+                      controlnets=controlnets.load(getattr(pipe, "controlnet", None)))
 
 
 def _pipeline_text_encoder(pipe):

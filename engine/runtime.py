@@ -6,7 +6,7 @@ import torch
 
 from lumen import kernels
 
-from . import deepcache, images, samplers
+from . import controlnet, deepcache, images, samplers
 from .config import SamplerConfig
 from .errors import BackendUnavailableError, InvalidInputError, InvalidTypeError
 from .graphs import GraphCache, GraphKey, graph_runner, inpaint_kind, resolve_mode
@@ -22,7 +22,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None,
           initial_step=None, backend_options: dict | None = None, cuda_graph="auto",
           graph_cache_size: int = 8, vae_slicing: bool = False, vae_tiling: bool = False,
-          lora=None) -> "Engine":
+          lora=None, controlnet=None) -> "Engine":
     """An Engine for `model` (UNet, pipeline, local folder or built-in name), ready to run.
 
     scheduler=None reads how the model was trained (betas, T, prediction type, zero terminal
@@ -41,6 +41,8 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
     lora: LoRA safetensors (diffusers or kohya format) fused into the UNet and text encoders
     before export or capture: a path, (path, scale), or a list of them (engine.lora); a UNet or
     pipeline passed in keeps its own weights.
+    controlnet: a diffusers ControlNetModel, a local folder holding one, a MultiControlNetModel,
+    or a list of them (engine.controlnet); a pipeline with a `controlnet` component brings its own.
     """
     check_choice("backend", backend, BACKENDS)
     device = torch.device(device if device is not None else
@@ -57,7 +59,7 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
         check_available(device)  # before loading any weights
     options = dict(backend_options or {})
     compile_mode = torch_compile_mode(options.pop("compile", False)) if backend == "torch" else None
-    components = load_components(model, initial_step, lora).to(device, dtype)
+    components = load_components(model, initial_step, lora, controlnet).to(device, dtype)
     set_vae_options(components.vae, vae_slicing, vae_tiling)
     config = sampler_config(scheduler, components.scheduler_config)
     runner = unet_runner(components.unet, backend, device, dtype, options, compile_mode,
@@ -138,9 +140,11 @@ class TorchRunner:
             self._cached = TorchRunner(twin, self.compile_mode), switch
         return self._cached
 
-    def __call__(self, x, t, emb, **added):
+    def __call__(self, x, t, emb, down=None, mid=None, **added):
         # added: SDXL's text_embeds and time_ids; None keeps plain UNets' call unchanged.
+        # down, mid: ControlNet residuals (engine.controlnet), None without.
         return self.module(x, t, encoder_hidden_states=emb, added_cond_kwargs=added or None,
+                           down_block_additional_residuals=down, mid_block_additional_residual=mid,
                            return_dict=False)[0]
 
 
@@ -175,7 +179,9 @@ class Engine:
             pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, clip_skip=None,
             original_size=None, crops_coords_top_left=None, target_size=None, image=None,
             strength: float = 0.8, mask_image=None, masked_content: str = "original",
-            cache_interval: int = 1, cache_branch_id: int = 0):
+            cache_interval: int = 1, cache_branch_id: int = 0, control_image=None,
+            controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
+            control_guidance_end=1.0, guess_mode: bool = False):
         """Generate images; the result has `.images` as in diffusers pipelines.
 
         image (image-to-image, diffusers' img2img conventions): PIL image(s), numpy HWC arrays or
@@ -190,6 +196,11 @@ class Engine:
         (AUTOMATIC1111's "latent noise" fill), drawn right after the image's posterior sample.
         cache_interval, cache_branch_id: DeepCache (engine.deepcache): the full UNet every
         cache_interval-th step, the shallow branch cache_branch_id between; 1 is off.
+        control_image (an engine built with ControlNets): each ControlNet's control image(s),
+        pixels in [0, 1] at the output size, as image takes them (a list, one per ControlNet,
+        when there are several); controlnet_conditioning_scale, control_guidance_start and
+        control_guidance_end: one value or one per ControlNet; guess_mode: the ControlNets see the
+        conditional rows only. diffusers' ControlNet pipelines' semantics (engine.controlnet).
 
         callback(i), if given, is called on the host after step i (it must not sync the device);
         with a CUDA graph the loop is one replay, so the calls come after it, in order.
@@ -203,7 +214,9 @@ class Engine:
                                generator, latents, height, width, num_images_per_prompt,
                                pooled_prompt_embeds, negative_pooled_prompt_embeds, clip_skip,
                                original_size, crops_coords_top_left, target_size, image, strength,
-                               mask_image, masked_content, cache_interval, cache_branch_id)
+                               mask_image, masked_content, cache_interval, cache_branch_id,
+                               control_image, controlnet_conditioning_scale,
+                               control_guidance_start, control_guidance_end, guess_mode)
         x0 = self.sample(**request, callback=callback)
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
@@ -217,7 +230,9 @@ class Engine:
                 negative_pooled_prompt_embeds=None, clip_skip=None, original_size=None,
                 crops_coords_top_left=None, target_size=None, image=None,
                 strength: float = 0.8, mask_image=None, masked_content: str = "original",
-                cache_interval: int = 1, cache_branch_id: int = 0) -> dict:
+                cache_interval: int = 1, cache_branch_id: int = 0, control_image=None,
+                controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
+                control_guidance_end=1.0, guess_mode: bool = False) -> dict:
         """`sample`'s inputs for a request (run's arguments), checked and on the device."""
         self._check_scalars(num_inference_steps, guidance_scale, guidance_rescale, eta,
                             num_images_per_prompt)
@@ -251,26 +266,61 @@ class Engine:
         pos = text.pos.to(self.device, self.dtype)
         emb = torch.cat([text.neg.to(self.device, self.dtype), pos]) if cfg else pos  # [negative, positive]
         scalars = torch.tensor([guidance_scale, guidance_rescale], dtype=torch.float32).to(self.device)
+        cache = self._check_cache(cache_interval, cache_branch_id, plan.num_steps)
+        control = self._control(control_image, controlnet_conditioning_scale, control_guidance_start,
+                                control_guidance_end, guess_mode, shape, plan, cfg, cache)
         return dict(emb=emb, x_T=x_T, noise=noise, dp=dp, w=scalars[0],
                     phi=scalars[1], cfg=cfg,
                     added={k: v.to(self.device, self.dtype) for k, v in added.items()},
-                    inpaint=inpaint,
-                    cache=self._check_cache(cache_interval, cache_branch_id, plan.num_steps))
+                    inpaint=inpaint, cache=cache, control=control, guess_mode=bool(guess_mode))
+
+    def _control(self, control_image, scale, start, end, guess_mode, shape: tuple,
+                 plan: samplers.Plan, cfg: bool, cache) -> dict:
+        """The ControlNet inputs of a request: "image{j}" (ControlNet j's images, rows as the
+        ControlNet sees them) and "scales" [evaluations, n]; {} on an engine without ControlNets."""
+        nets = self.components.controlnets
+        if not nets:
+            if control_image is not None:
+                raise InvalidInputError("control_image on an engine without a ControlNet; expected "
+                                        "engine.build(..., controlnet=...) first")
+            return {}
+        if not isinstance(guess_mode, bool):
+            raise InvalidTypeError(f"guess_mode of type {type(guess_mode).__name__}; expected bool")
+        if not isinstance(self.runner, TorchRunner):
+            raise InvalidInputError(f"ControlNet with backend={self.backend!r}; the exported UNet "
+                                    "takes no residual inputs yet; expected backend='torch'")
+        if cache is not None:
+            raise InvalidInputError(f"cache_interval={cache[0]} with ControlNet; DeepCache does not "
+                                    "reuse features that control residuals change; expected "
+                                    "cache_interval=1")
+        f = self.components.vae_scale_factor
+        pictures = controlnet.images(control_image, len(nets), shape[0], shape[2] * f, shape[3] * f)
+        control = {}
+        for j, picture in enumerate(pictures):
+            picture = picture.to(self.device, self.dtype)
+            control[f"image{j}"] = torch.cat([picture, picture]) if cfg and not guess_mode else picture
+        evaluations = len(samplers.evaluation_steps(plan))
+        control["scales"] = controlnet.scales(len(nets), scale, start, end, evaluations).to(self.device)
+        return control
 
     def sample(self, emb, x_T, noise, dp: samplers.DevicePlan, w: torch.Tensor, phi: torch.Tensor,
                cfg: bool, callback=None, added: dict | None = None,
-               inpaint: dict | None = None, cache: tuple | None = None) -> torch.Tensor:
+               inpaint: dict | None = None, cache: tuple | None = None,
+               control: dict | None = None, guess_mode: bool = False) -> torch.Tensor:
         """x0 [N, C, h, w] fp32 from `loop`, replayed from a captured graph when cuda_graph is on.
 
-        cache: DeepCache's (interval, branch id), or None."""
-        added, inpaint = added or {}, inpaint or {}
+        cache: DeepCache's (interval, branch id), or None. control, guess_mode: ControlNet's
+        inputs (Engine._control), {} without."""
+        added, inpaint, control = added or {}, inpaint or {}, control or {}
+        guess_mode = guess_mode and bool(control)
         if not self.cuda_graph:
             return self.loop(emb, x_T, noise, dp, w, phi, added, cfg, callback, inpaint=inpaint,
-                             cache=cache)
+                             cache=cache, control=control, guess_mode=guess_mode)
         key = dataclasses.replace(self.graph_key(emb, x_T, dp, cfg), inpaint=inpaint_kind(inpaint),
-                                  deepcache=cache or ())
-        x0 = self.graphs.run(key, lambda: self._graph_loop(cfg, cache), emb, x_T, noise, dp, w,
-                             phi, added, inpaint)
+                                  deepcache=cache or (), controlnets=len(control) - bool(control),
+                                  guess_mode=guess_mode)
+        x0 = self.graphs.run(key, lambda: self._graph_loop(cfg, cache, guess_mode), emb, x_T,
+                             noise, dp, w, phi, added, inpaint, control)
         for i in range(dp.plan.num_steps):
             samplers.notify(callback, i)
         return x0
@@ -288,19 +338,20 @@ class Engine:
                         kernels="triton" if kernels.use_triton(x_T) else "reference",
                         initial_step=self.components.initial_step is not None)
 
-    def _graph_loop(self, cfg: bool, cache: tuple | None = None):
+    def _graph_loop(self, cfg: bool, cache: tuple | None = None, guess_mode: bool = False):
         """The loop to capture for one key; a runner that needs per-graph state gets its own."""
         runner = graph_runner(self.runner)
 
-        def loop(emb, x_T, noise, dp, w, phi, added, inpaint):
+        def loop(emb, x_T, noise, dp, w, phi, added, inpaint, control):
             return self.loop(emb, x_T, noise, dp, w, phi, added, cfg, runner=runner, inpaint=inpaint,
-                             cache=cache)
+                             cache=cache, control=control, guess_mode=guess_mode)
         return loop
 
     @torch.inference_mode()
     def loop(self, emb, x_T, noise, dp: samplers.DevicePlan, w: torch.Tensor, phi: torch.Tensor,
              added: dict, cfg: bool, callback=None, runner=None,
-             inpaint: dict | None = None, cache: tuple | None = None) -> torch.Tensor:
+             inpaint: dict | None = None, cache: tuple | None = None, control: dict | None = None,
+             guess_mode: bool = False) -> torch.Tensor:
         """The sampling loop from x_T to x0 (fp32); every input is already on the device.
 
         emb: [2N or N, L, D] ([negative, positive] when cfg); x_T: [N, C, h, w];
@@ -311,11 +362,13 @@ class Engine:
         engine's; a captured graph may hold its own). inpaint: {"cond": [2N or N, 5, h, w]} (mask
         and masked-image latents a 9-channel UNet sees beside x), or {"mask", "x0", "eps"}
         [N, ., h, w] (the kept region of any other model follows x0 noised with eps), or {}.
+        control: ControlNet's control images and per-evaluation scales (Engine._control), or {}.
         """
         prediction_type, dtype = self.config.prediction_type, self.dtype
         runner = runner if runner is not None else self.runner
         inpaint = inpaint or {}
         cond = inpaint.get("cond")
+        control, nets = control or {}, self.components.controlnets
         switch = None  # DeepCache's, when the run uses it (set below)
         steps_of = None if cache is None else samplers.evaluation_steps(dp.plan)  # step of each point
 
@@ -325,9 +378,11 @@ class Engine:
                            cache[1])
             x_in = x.to(dtype)
             rows = torch.cat([x_in, x_in]) if cfg else x_in
+            residuals = controlnet.residuals(nets, rows, dp.timesteps[k], emb, added, control, k,
+                                             cfg, guess_mode) if control else {}
             if cond is not None:  # a 9-channel inpainting UNet: [latents, mask, masked image]
                 rows = torch.cat([rows, cond], dim=1)
-            return runner(rows, dp.timesteps[k], emb, **added)
+            return runner(rows, dp.timesteps[k], emb, **residuals, **added)
 
         def denoise(x, k):  # -> (x0, eps) fp32: CFG + rescale + conversion, fused on CUDA
             return kernels.guided_x0_eps(model_output(x, k), x, dp.a[k], dp.s[k], w, phi,

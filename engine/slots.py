@@ -19,6 +19,7 @@ import torch
 from lumen import kernels
 
 from . import deepcache, samplers
+from .errors import InvalidInputError
 from .output import decode
 
 
@@ -72,6 +73,9 @@ class Slot:
 
 def split(engine, request: dict, owner=None) -> list[Slot]:
     """One slot per image of an `Engine.prepare` result (SingDiffusion's hand-over done here)."""
+    if request.get("control"):
+        raise InvalidInputError("a ControlNet request in the step scheduler; it runs ControlNets "
+                                "only in Engine.run so far; expected no control_image here")
     x_T, noise, emb, cfg = request["x_T"], request["noise"], request["emb"], request["cfg"]
     inpaint = request.get("inpaint") or {}
     n = x_T.shape[0]

@@ -1,0 +1,157 @@
+"""ControlNet (Zhang et al., ICCV 2023): control images steer the UNet through residuals that
+are added to its skip connections and its middle block.
+
+Semantics are diffusers' ControlNet pipelines': each ControlNet sees the same rows as the UNet
+(both CFG halves; in guess mode the conditional half only, the other half getting zero
+residuals), its control image, and a conditioning scale; several ControlNets' residuals are
+summed (MultiControlNetModel). The guidance window (control_guidance_start/end) is part of the
+plan: a table of per-evaluation scales (zero outside the window) that the loop only indexes,
+so the loop has no host branch on it and a captured graph holds it as a buffer.
+"""
+import math
+from pathlib import Path
+
+import torch
+
+from .errors import InvalidInputError, InvalidTypeError
+
+
+def load(controlnet) -> tuple:
+    """The ControlNets of build(controlnet=...): a ControlNetModel, a local folder holding one,
+    a MultiControlNetModel, or a list of those; None gives none."""
+    if controlnet is None:
+        return ()
+    from diffusers import ControlNetModel
+
+    items = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
+    if not items:
+        raise InvalidInputError("controlnet=[]; expected a ControlNetModel, a folder, or a list of them")
+    nets = []
+    for i, item in enumerate(items):
+        if hasattr(item, "nets"):  # diffusers' MultiControlNetModel
+            nets.extend(item.nets)
+        elif isinstance(item, ControlNetModel):
+            nets.append(item)
+        elif isinstance(item, (str, Path)):
+            nets.append(_folder(Path(item)))
+        else:
+            raise InvalidTypeError(f"controlnet item {i} of type {type(item).__name__}; expected a "
+                                   "diffusers ControlNetModel, a local folder holding one, or a "
+                                   "MultiControlNetModel")
+    return tuple(nets)
+
+
+def _folder(path: Path):
+    from diffusers import ControlNetModel
+
+    from .models import _load
+
+    if not path.is_dir():
+        raise InvalidInputError(f"controlnet={str(path)!r} is not an existing local folder; "
+                                "Lumen never downloads weights")
+    if (path / "controlnet").is_dir() and not (path / "config.json").is_file():
+        path = path / "controlnet"  # a pipeline folder's ControlNet
+    return _load(ControlNetModel, path)
+
+
+def check(unet, nets: tuple) -> None:
+    """Refuse a ControlNet whose residuals cannot add to this UNet's."""
+    for i, net in enumerate(nets):
+        for name in ("cross_attention_dim", "down_block_types", "block_out_channels",
+                     "layers_per_block", "addition_embed_type"):
+            theirs, ours = _config(net, name), _config(unet, name)
+            if theirs != ours:
+                raise InvalidInputError(f"ControlNet {i} has {name}={theirs!r}, the UNet {ours!r}; "
+                                        "expected a ControlNet made for this UNet (its residuals "
+                                        "add to the UNet's blocks)")
+        if net.config.in_channels != unet.config.out_channels:
+            raise InvalidInputError(f"ControlNet {i} takes in_channels={net.config.in_channels}; "
+                                    f"expected the UNet's latent channels {unet.config.out_channels}")
+
+
+def _config(model, name):
+    value = getattr(model.config, name, None)
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def per_net(name: str, value, n: int, low: float, high: float) -> list[float]:
+    """One value per ControlNet: a number for all, or a list of n."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise InvalidInputError(f"{name} has {len(values)} values for {n} ControlNets; expected "
+                                "one value, or one per ControlNet")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or not low <= v <= high:
+            raise InvalidInputError(f"{name}={value!r}; expected numbers in [{low:g}, {high:g}]")
+    return [float(v) for v in values]
+
+
+def scales(n: int, scale, start, end, evaluations: int) -> torch.Tensor:
+    """[evaluations, n] fp32: ControlNet j's conditioning scale at each evaluation point, zero
+    outside its window (diffusers' controlnet_keep: point i runs when i/E >= start and
+    (i + 1)/E <= end, E the run's evaluation points)."""
+    scale = per_net("controlnet_conditioning_scale", scale, n, 0.0, math.inf)
+    start = per_net("control_guidance_start", start, n, 0.0, 1.0)
+    end = per_net("control_guidance_end", end, n, 0.0, 1.0)
+    for j, (s, e) in enumerate(zip(start, end)):
+        if s > e:
+            raise InvalidInputError(f"control_guidance_start={s} > control_guidance_end={e} "
+                                    f"(ControlNet {j}); expected start <= end")
+    table = [[scale[j] * (1.0 - float(i / evaluations < start[j] or (i + 1) / evaluations > end[j]))
+              for j in range(n)] for i in range(evaluations)]
+    return torch.tensor(table, dtype=torch.float32)
+
+
+def images(control_image, n: int, images_per_row: int, height: int, width: int) -> list[torch.Tensor]:
+    """Each ControlNet's control images [N, 3, H, W] fp32 in [0, 1], one per image of the run
+    (one given for all is repeated, as diffusers repeats it); the size must be the output's."""
+    from .images import pixels
+
+    if control_image is None:
+        raise InvalidInputError(f"no control_image for {n} ControlNet(s); expected one image per "
+                                "ControlNet (a list when there are several)")
+    items = control_image if n > 1 else [control_image]
+    if n > 1 and (not isinstance(control_image, (list, tuple)) or len(control_image) != n):
+        count = len(control_image) if isinstance(control_image, (list, tuple)) else 1
+        raise InvalidInputError(f"{count} control images for {n} ControlNets; expected a list of "
+                                f"{n}, one per ControlNet")
+    out = []
+    for j, item in enumerate(items):
+        image = pixels(item)
+        if tuple(image.shape[2:]) != (height, width):
+            raise InvalidInputError(f"control image {j} is {image.shape[2]}x{image.shape[3]} "
+                                    f"(height x width); expected the output's {height}x{width} "
+                                    "(Lumen does not resize)")
+        if image.shape[0] not in (1, images_per_row):
+            raise InvalidInputError(f"control image {j} holds {image.shape[0]} images; expected 1 "
+                                    f"or one per image ({images_per_row})")
+        out.append(image.expand(images_per_row, -1, -1, -1) if image.shape[0] == 1 else image)
+    return out
+
+
+def residuals(nets: tuple, sample, t, emb, added: dict, control: dict, k: int, cfg: bool,
+              guess_mode: bool) -> dict:
+    """{"down": [...], "mid": ...}: the summed residuals of every ControlNet at evaluation k.
+
+    sample, emb, added: the UNet's rows ([negative, positive] with CFG); control: "image{j}"
+    (ControlNet j's images, rows like the ControlNet's input) and "scales" [E, n].
+    """
+    half = guess_mode and cfg  # guess mode: the ControlNets see the conditional half only
+    if half:
+        n = sample.shape[0] // 2
+        sample, emb = sample[n:], emb[n:]
+        added = {key: v[n:] for key, v in added.items()}
+        if t.ndim:
+            t = t[n:]
+    down = mid = None
+    for j, net in enumerate(nets):
+        d, m = net(sample, t, encoder_hidden_states=emb, controlnet_cond=control[f"image{j}"],
+                   conditioning_scale=control["scales"][k, j], guess_mode=guess_mode,
+                   added_cond_kwargs=added or None, return_dict=False)
+        down = list(d) if down is None else [a + b for a, b in zip(down, d)]
+        mid = m if mid is None else mid + m
+    if half:  # the unconditional half gets no control
+        down = [torch.cat([torch.zeros_like(d), d]) for d in down]
+        mid = torch.cat([torch.zeros_like(mid), mid])
+    return {"down": down, "mid": mid}
