@@ -80,3 +80,105 @@ def test_matches_stable_diffusion_controlnet_pipeline(parts, count, kw):
         guidance_rescale=0.0, height=SIZE, width=SIZE, output_type="latent",
         generator=torch.Generator().manual_seed(0)).images
     assert float((got - plain).abs().max()) > 1e-2  # the control changed the result
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_matches_the_controlnet_img2img_and_inpaint_pipelines(parts, mode):
+    """ControlNet with image-to-image and inpainting (a 4-channel UNet): diffusers'
+    StableDiffusionControlNetImg2ImgPipeline and ...InpaintPipeline, strength 0.75, 10 steps,
+    a scale and a window; the window counts the steps that run."""
+    from diffusers import (StableDiffusionControlNetImg2ImgPipeline,
+                           StableDiffusionControlNetInpaintPipeline)
+
+    pipe, nets, _ = parts
+    g = torch.Generator().manual_seed(9)
+    image, control = torch.rand(1, 3, 16, 16, generator=g), torch.rand(1, 3, 16, 16, generator=g)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 2:10] = 1.0
+    extra = dict(mask_image=mask) if mode == "inpaint" else {}
+    cls = StableDiffusionControlNetInpaintPipeline if mode == "inpaint" else \
+        StableDiffusionControlNetImg2ImgPipeline
+    theirs = cls(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                 unet=pipe.unet, controlnet=nets[0], scheduler=pipe.scheduler, safety_checker=None,
+                 feature_extractor=None, requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    kw = dict(strength=0.75, num_inference_steps=10, guidance_scale=7.5,
+              controlnet_conditioning_scale=0.8, control_guidance_start=0.1,
+              control_guidance_end=0.8, output_type="latent", **extra)
+    want = theirs(PROMPT, negative_prompt=NEGATIVE, image=image, control_image=control,
+                  generator=torch.Generator().manual_seed(11), **kw).images
+    eng = engine.build(pipe, scheduler=pipe.scheduler, device="cpu", controlnet=nets[0])
+    got = eng.run(PROMPT, negative_prompt=NEGATIVE, image=image, control_image=control,
+                  guidance_rescale=0.0, generator=torch.Generator().manual_seed(11), **kw).images
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_pipeline_with_a_controlnet_brings_it(parts):
+    """engine.build of a StableDiffusionControlNetPipeline object runs its ControlNet."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    pipe, nets, images = parts
+    control = StableDiffusionControlNetPipeline(**{**pipe.components, "controlnet": nets[0]})
+    eng = engine.build(control, scheduler=pipe.scheduler, device="cpu")
+    assert eng.components.controlnets == (nets[0],)
+    torch.testing.assert_close(ours(eng, images[:1]), theirs(pipe, nets[:1], images[:1]),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_the_loop_replays_from_a_graph_keyed_by_the_controlnet_count(parts):
+    """Control images and scales are graph inputs: another image or window replays the graph
+    and equals the eager run; guess mode and a second ControlNet are other keys."""
+    from test_graphs import graphed
+
+    pipe, nets, images = parts
+    eager = engine.build(pipe, scheduler=pipe.scheduler, device="cpu", controlnet=nets)
+    eng = graphed(eager)
+    other = [torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))] * 2
+    for imgs, kw in ((images, {}), (other, dict(control_guidance_start=[0.4, 0.0])),
+                     (images, dict(guess_mode=True))):
+        torch.testing.assert_close(ours(eng, imgs, **kw), ours(eager, imgs, **kw), rtol=0, atol=0)
+    keys = sorted((k.controlnets, k.guess_mode) for k in eng.graphs.keys())
+    assert keys == [(2, False), (2, True)] and (eng.graphs.captures, eng.graphs.replays) == (2, 3)
+
+
+def test_the_controlled_loop_has_no_host_sync(parts):
+    from test_pipeline import NoHostSync
+
+    pipe, nets, images = parts
+    eng = engine.build(pipe, scheduler=pipe.scheduler, device="cpu", controlnet=nets)
+    request = eng.prepare(PROMPT, control_image=images, num_inference_steps=5, height=SIZE,
+                          width=SIZE, control_guidance_end=[0.5, 1.0],
+                          generator=torch.Generator().manual_seed(0))
+    with NoHostSync():
+        out = eng.sample(**request)
+    assert bool(torch.isfinite(out).all())
+
+
+def test_bad_controlnet_input_is_refused_naming_the_value(parts):
+    pipe, nets, images = parts
+    eng = engine.build(pipe, scheduler=pipe.scheduler, device="cpu", controlnet=nets)
+    cases = [
+        (dict(control_image=[images[0][..., :32, :32]] * 2), r"control image 0 is 32x32 .* 64x64"),
+        (dict(control_image=images[0]), "1 control images for 2 ControlNets"),
+        (dict(control_image=images, controlnet_conditioning_scale=[1.0, 1.0, 1.0]),
+         "controlnet_conditioning_scale has 3 values for 2 ControlNets"),
+        (dict(control_image=images, control_guidance_start=0.8, control_guidance_end=0.3),
+         r"control_guidance_start=0.8 > control_guidance_end=0.3"),
+        (dict(control_image=images, controlnet_conditioning_scale=float("nan")),
+         "controlnet_conditioning_scale=nan"),
+        (dict(), "no control_image for 2 ControlNet"),
+        (dict(control_image=images, cache_interval=2), "cache_interval=2 with ControlNet"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(engine.InvalidInputError, match=message):
+            eng.run(PROMPT, num_inference_steps=5, height=SIZE, width=SIZE, **kw)
+    with pytest.raises(engine.InvalidInputError, match="control_image on an engine without a ControlNet"):
+        engine.build(pipe, device="cpu").run(PROMPT, control_image=images[0], num_inference_steps=5)
+    wide = make_controlnet(make_tiny_unet(cross_attention_dim=64), 1)
+    with pytest.raises(engine.InvalidInputError, match="ControlNet 0 has cross_attention_dim=64, the UNet 32"):
+        engine.build(pipe, device="cpu", controlnet=wide)
+    other = make_controlnet(make_tiny_unet(block_out_channels=(32, 32)), 1)
+    with pytest.raises(engine.InvalidInputError, match=r"ControlNet 1 has block_out_channels=\[32, 32\]"):
+        engine.build(pipe, device="cpu", controlnet=[nets[0], other])
+    with pytest.raises(engine.InvalidTypeError, match="controlnet item 0 of type int"):
+        engine.build(pipe, device="cpu", controlnet=3)
