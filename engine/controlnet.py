@@ -103,21 +103,25 @@ def scales(n: int, scale, start, end, evaluations: int) -> torch.Tensor:
     return torch.tensor(table, dtype=torch.float32)
 
 
-def images(control_image, n: int, images_per_row: int, height: int, width: int) -> list[torch.Tensor]:
+def images(control_image, n: int, images_per_row: int, height: int, width: int) -> list:
     """Each ControlNet's control images [N, 3, H, W] fp32 in [0, 1], one per image of the run
-    (one given for all is repeated, as diffusers repeats it); the size must be the output's."""
+    (one given for all is repeated, as diffusers repeats it), or None for a ControlNet the
+    request leaves out; the size must be the output's."""
     from .images import pixels
 
-    if control_image is None:
-        raise InvalidInputError(f"no control_image for {n} ControlNet(s); expected one image per "
-                                "ControlNet (a list when there are several)")
     items = control_image if n > 1 else [control_image]
     if n > 1 and (not isinstance(control_image, (list, tuple)) or len(control_image) != n):
         count = len(control_image) if isinstance(control_image, (list, tuple)) else 1
         raise InvalidInputError(f"{count} control images for {n} ControlNets; expected a list of "
                                 f"{n}, one per ControlNet")
+    if all(item is None for item in items):
+        raise InvalidInputError(f"control_image={control_image!r}; expected an image for at least "
+                                "one ControlNet (or control_image=None for none)")
     out = []
     for j, item in enumerate(items):
+        if item is None:
+            out.append(None)
+            continue
         image = pixels(item)
         if tuple(image.shape[2:]) != (height, width):
             raise InvalidInputError(f"control image {j} is {image.shape[2]}x{image.shape[3]} "
@@ -130,12 +134,18 @@ def images(control_image, n: int, images_per_row: int, height: int, width: int) 
     return out
 
 
+def used(control: dict) -> tuple[int, ...]:
+    """The indices of the ControlNets a request's control inputs use."""
+    return tuple(sorted(int(k.removeprefix("image")) for k in control if k.startswith("image")))
+
+
 def residuals(nets: tuple, sample, t, emb, added: dict, control: dict, k: int, cfg: bool,
               guess_mode: bool) -> dict:
     """{"down": [...], "mid": ...}: the summed residuals of every ControlNet at evaluation k.
 
     sample, emb, added: the UNet's rows ([negative, positive] with CFG); control: "image{j}"
-    (ControlNet j's images, rows like the ControlNet's input) and "scales" [E, n].
+    (ControlNet j's images, rows like the ControlNet's input; absent for a ControlNet the request
+    leaves out) and "scales" [E, n].
     """
     half = guess_mode and cfg  # guess mode: the ControlNets see the conditional half only
     if half:
@@ -146,6 +156,8 @@ def residuals(nets: tuple, sample, t, emb, added: dict, control: dict, k: int, c
             t = t[n:]
     down = mid = None
     for j, net in enumerate(nets):
+        if f"image{j}" not in control:
+            continue
         d, m = net(sample, t, encoder_hidden_states=emb, controlnet_cond=control[f"image{j}"],
                    conditioning_scale=control["scales"][k, j], guess_mode=guess_mode,
                    added_cond_kwargs=added or None, return_dict=False)

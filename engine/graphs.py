@@ -53,7 +53,7 @@ class GraphKey:
     initial_step: bool = False  # a SingDiffusion hand-over runs before the loop
     inpaint: str = ""  # "concat": a 9-channel UNet's extra inputs; "blend": the kept region
     deepcache: tuple = ()  # DeepCache's (interval, branch id): which steps run the full UNet
-    controlnets: int = 0  # ControlNets run beside the UNet
+    controlnets: tuple = ()  # the indices of the ControlNets run beside the UNet
     guess_mode: bool = False  # the ControlNets see the conditional rows only
 
 

@@ -277,13 +277,14 @@ class Engine:
     def _control(self, control_image, scale, start, end, guess_mode, shape: tuple,
                  plan: samplers.Plan, cfg: bool, cache) -> dict:
         """The ControlNet inputs of a request: "image{j}" (ControlNet j's images, rows as the
-        ControlNet sees them) and "scales" [evaluations, n]; {} on an engine without ControlNets."""
+        ControlNet sees them, for each ControlNet the request uses) and "scales" [evaluations,
+        n]; {} without control_image (the engine's ControlNets sit this request out)."""
         nets = self.components.controlnets
-        if not nets:
-            if control_image is not None:
-                raise InvalidInputError("control_image on an engine without a ControlNet; expected "
-                                        "engine.build(..., controlnet=...) first")
+        if control_image is None:
             return {}
+        if not nets:
+            raise InvalidInputError("control_image on an engine without a ControlNet; expected "
+                                    "engine.build(..., controlnet=...) first")
         if not isinstance(guess_mode, bool):
             raise InvalidTypeError(f"guess_mode of type {type(guess_mode).__name__}; expected bool")
         if not isinstance(self.runner, TorchRunner):
@@ -297,6 +298,8 @@ class Engine:
         pictures = controlnet.images(control_image, len(nets), shape[0], shape[2] * f, shape[3] * f)
         control = {}
         for j, picture in enumerate(pictures):
+            if picture is None:
+                continue
             picture = picture.to(self.device, self.dtype)
             control[f"image{j}"] = torch.cat([picture, picture]) if cfg and not guess_mode else picture
         evaluations = len(samplers.evaluation_steps(plan))
@@ -317,7 +320,7 @@ class Engine:
             return self.loop(emb, x_T, noise, dp, w, phi, added, cfg, callback, inpaint=inpaint,
                              cache=cache, control=control, guess_mode=guess_mode)
         key = dataclasses.replace(self.graph_key(emb, x_T, dp, cfg), inpaint=inpaint_kind(inpaint),
-                                  deepcache=cache or (), controlnets=len(control) - bool(control),
+                                  deepcache=cache or (), controlnets=controlnet.used(control),
                                   guess_mode=guess_mode)
         x0 = self.graphs.run(key, lambda: self._graph_loop(cfg, cache, guess_mode), emb, x_T,
                              noise, dp, w, phi, added, inpaint, control)
