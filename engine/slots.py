@@ -19,7 +19,6 @@ import torch
 from lumen import kernels
 
 from . import deepcache, samplers
-from .errors import InvalidInputError
 from .output import decode
 
 
@@ -42,6 +41,8 @@ class Slot:
     state: dict = field(default_factory=dict)  # sampler state: x0_prev; x_hat, eps, x_next
     inpaint: dict = field(default_factory=dict)  # {"cond"} rows like emb, or {"mask", "x0", "eps"}
     cache: tuple | None = None  # DeepCache's (interval, branch id), None when off
+    control: dict = field(default_factory=dict)  # ControlNet: "image{j}" (rows as its input), "scales"
+    guess_mode: bool = False  # ControlNet sees the conditional row only
     kept: tuple | None = None  # DeepCache: (the outputs its last full call kept, its rows there)
 
     @property
@@ -73,9 +74,6 @@ class Slot:
 
 def split(engine, request: dict, owner=None) -> list[Slot]:
     """One slot per image of an `Engine.prepare` result (SingDiffusion's hand-over done here)."""
-    if request.get("control"):
-        raise InvalidInputError("a ControlNet request in the step scheduler; it runs ControlNets "
-                                "only in Engine.run so far; expected no control_image here")
     x_T, noise, emb, cfg = request["x_T"], request["noise"], request["emb"], request["cfg"]
     inpaint = request.get("inpaint") or {}
     n = x_T.shape[0]
@@ -88,10 +86,14 @@ def split(engine, request: dict, owner=None) -> list[Slot]:
             x = engine.hand_over(x, emb_j, request["w"], cfg, request["dp"])
         own = {"cond": inpaint["cond"][rows]} if "cond" in inpaint else \
             {k: v[j:j + 1] for k, v in inpaint.items()}
+        control = request.get("control") or {}
+        guess = bool(request.get("guess_mode")) and bool(control)
+        control_rows = rows if cfg and not guess else [j]  # rows of the ControlNet's input
+        control = {k: v if k == "scales" else v[control_rows] for k, v in control.items()}
         slots.append(Slot(emb_j, {k: v[rows] for k, v in request["added"].items()}, request["dp"],
                           request["w"], request["phi"], cfg, x,
                           None if noise is None else noise[j:j + 1], owner, inpaint=own,
-                          cache=request.get("cache")))
+                          cache=request.get("cache"), control=control, guess_mode=guess))
     return slots
 
 
@@ -137,7 +139,7 @@ def evaluate(engine, slots: list[Slot], graphs=None) -> list[bool]:
     ordered = [s for s in slots if s.cfg] + [s for s in slots if not s.cfg]
     x_in = [model_input(s) for s in ordered]
     inputs = StepInputs.gather(ordered, x_in)
-    if graphs is None or inputs.deep is not None:  # DeepCache's split calls run eagerly
+    if graphs is None or inputs.owners is not None:  # DeepCache's and ControlNet's calls run eagerly
         x0, eps = model_step(engine, engine.runner, inputs)
     else:
         from .step_graphs import run_graphed
@@ -164,7 +166,7 @@ class StepInputs:
     w: torch.Tensor  # [n] fp32 guidance scale
     phi: torch.Tensor  # [n] fp32 guidance rescale
     cond: torch.Tensor | None = None  # [n + n_cfg, 5, h, w] a 9-channel UNet's mask and masked image
-    deep: list | None = None  # with DeepCache: per row, (its slot, the slot's row: 0 or 1)
+    owners: list | None = None  # with DeepCache or ControlNet: per row, (its slot, the slot's row: 0 or 1)
 
     @classmethod
     def gather(cls, slots: list[Slot], x_in: list[torch.Tensor]) -> "StepInputs":
@@ -181,7 +183,7 @@ class StepInputs:
                    per_image([s.w for s in slots]), per_image([s.phi for s in slots]),
                    torch.cat([s.inpaint["cond"][r:r + 1] for s, r in rows])
                    if "cond" in slots[0].inpaint else None,
-                   rows if any(s.cache for s in slots) else None)
+                   rows if any(s.cache or s.control for s in slots) else None)
 
     def args(self) -> tuple:
         return (self.x, self.t, self.emb, self.added, self.a, self.s, self.w, self.phi, self.cond)
@@ -201,12 +203,13 @@ def model_step(engine, runner, inputs: StepInputs) -> tuple[torch.Tensor, torch.
     t_rows = torch.cat([t[:nc], t[:nc], t[nc:]])
     if not getattr(runner, "per_row_timesteps", False):
         t_rows = t_rows[0]  # calls() gave this call one timestep
+    residuals = control_call(engine, inputs, sample, t_rows) if inputs.owners else {}
     if inputs.cond is not None:  # a 9-channel inpainting UNet: [latents, mask, masked image]
         sample = torch.cat([sample, inputs.cond], dim=1)
-    if inputs.deep is None:
-        m = runner(sample, t_rows, inputs.emb, **inputs.added)
+    if inputs.owners is not None and any(s.cache for s, _ in inputs.owners):
+        m = deep_call(engine, runner, inputs, sample, t_rows, residuals)
     else:
-        m = deep_call(engine, runner, inputs, sample, t_rows)
+        m = runner(sample, t_rows, inputs.emb, **residuals, **inputs.added)
     prediction_type, parts = engine.config.prediction_type, []
     for cfg, rows, images in ((True, slice(0, 2 * nc), slice(0, nc)),
                               (False, slice(2 * nc, None), slice(nc, None))):
@@ -217,13 +220,48 @@ def model_step(engine, runner, inputs: StepInputs) -> tuple[torch.Tensor, torch.
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def deep_call(engine, runner, inputs: StepInputs, sample, t_rows) -> torch.Tensor:
+def control_call(engine, inputs: StepInputs, sample, t_rows) -> dict:
+    """The ControlNet residuals of a call's rows: per ControlNet and guess mode, one call over
+    the rows whose images use it (each with its own control image, timestep and scale at its
+    own evaluation point), summed into zeros for every row; {} when no row uses one."""
+    groups: dict = {}  # (ControlNet j, guess mode) -> [(row, slot)]
+    for r, (slot, j_row) in enumerate(inputs.owners):
+        if slot.control and (not slot.guess_mode or not slot.cfg or j_row == 1):
+            for key in slot.control:
+                if key != "scales":
+                    groups.setdefault((int(key.removeprefix("image")), slot.guess_mode), []).append((r, slot))
+    if not groups:
+        return {}
+    nets, down, mid = engine.components.controlnets, None, None
+    for (j, guess), members in groups.items():
+        rows = [r for r, _ in members]
+        index = torch.tensor(rows, device=sample.device)
+        image = torch.cat([slot.control[f"image{j}"][:1] for _, slot in members])  # rows share it
+        scale = torch.stack([slot.control["scales"][slot.k, j] for _, slot in members])
+        scale = scale.view(-1, 1, 1, 1)
+        d, m = nets[j](sample[index], t_rows[index], encoder_hidden_states=inputs.emb[index],
+                       controlnet_cond=image, conditioning_scale=1.0 if guess else scale,
+                       guess_mode=guess, added_cond_kwargs={k: v[index] for k, v in
+                                                            inputs.added.items()} or None,
+                       return_dict=False)
+        if guess:  # ControlNet's own logspace weights, then each row's scale
+            d, m = [x * scale for x in d], m * scale
+        if down is None:
+            down = [x.new_zeros((sample.shape[0], *x.shape[1:])) for x in d]
+            mid = m.new_zeros((sample.shape[0], *m.shape[1:]))
+        for total, x in zip(down, d):
+            total.index_add_(0, index, x)
+        mid.index_add_(0, index, m)
+    return {"down": down, "mid": mid}
+
+
+def deep_call(engine, runner, inputs: StepInputs, sample, t_rows, residuals: dict) -> torch.Tensor:
     """The UNet output of a call whose rows use DeepCache: one call for the rows at a full step
     (and those without DeepCache), one per branch for the rows at a shallow step, each row
     reading its own image's kept features. Rows of different phases split rather than all
     running the full UNet: fewer FLOPs for the same image (docs/serving.md#the-step-scheduler)."""
     groups: dict = {}  # None: full; else the branch id of the shallow rows
-    for r, (slot, _) in enumerate(inputs.deep):
+    for r, (slot, _) in enumerate(inputs.owners):
         groups.setdefault(slot.cache[1] if slot.shallow else None, []).append(r)
     m = None
     with deepcache.LOCK:
@@ -232,19 +270,21 @@ def deep_call(engine, runner, inputs: StepInputs, sample, t_rows) -> torch.Tenso
             for branch, rows in groups.items():
                 switch.kept.clear()
                 if branch is None:  # full: keep the outputs if any of these images caches
-                    switch.set("full" if any(inputs.deep[r][0].cache for r in rows) else None)
+                    switch.set("full" if any(inputs.owners[r][0].cache for r in rows) else None)
                 else:
                     switch.set("shallow", branch)
                     switch.kept.update(deepcache.rows_of(switch.reused(), [
-                        (slot.kept[0], slot.kept[1][j]) for slot, j in (inputs.deep[r] for r in rows)]))
+                        (slot.kept[0], slot.kept[1][j]) for slot, j in (inputs.owners[r] for r in rows)]))
                 if len(groups) == 1:
-                    out = cached(sample, t_rows, inputs.emb, **inputs.added)
+                    out = cached(sample, t_rows, inputs.emb, **residuals, **inputs.added)
                 else:
                     index = torch.tensor(rows, device=sample.device)
-                    out = cached(sample[index], t_rows[index], inputs.emb[index],
+                    own = {"down": [d[index] for d in residuals["down"]],
+                           "mid": residuals["mid"][index]} if residuals else {}
+                    out = cached(sample[index], t_rows[index], inputs.emb[index], **own,
                                  **{k: v[index] for k, v in inputs.added.items()})
                 if switch.mode == "full":
-                    keep(inputs.deep, rows, dict(switch.kept))
+                    keep(inputs.owners, rows, dict(switch.kept))
                 if len(groups) == 1:
                     return out
                 if m is None:

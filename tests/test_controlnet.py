@@ -220,3 +220,48 @@ def test_sdxl_matches_stable_diffusion_xl_controlnet_pipeline():
     got = eng.run(PROMPT, negative_prompt=NEGATIVE, control_image=control, guidance_rescale=0.0,
                   generator=torch.Generator().manual_seed(0), **kw).images
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_scheduled_controlnet_images_equal_their_alone_runs(parts):
+    """In the step scheduler, images with ControlNets (one, the other, both; guess mode; their
+    own windows and scales), images without, and images with DeepCache share ticks, each at its
+    own step; every image equals its alone run (to the batch-size rounding of the scheduler's
+    tests)."""
+    from lumen.serve.batcher import Batcher
+    from lumen.serve.jobs import Job
+
+    from test_serve_batching import ATOL
+
+    pipe, nets, images = parts
+    eng = engine.build(pipe, scheduler=pipe.scheduler, device="cpu", controlnet=nets)
+    cases = [  # run arguments besides the prompt and seed
+        dict(control_image=images, num_inference_steps=5),
+        dict(control_image=[None, images[1]], num_inference_steps=4, controlnet_conditioning_scale=0.5,
+             guidance_scale=1.0),
+        dict(num_inference_steps=6),
+        dict(control_image=[images[0], None], guess_mode=True, num_inference_steps=5,
+             control_guidance_start=0.3),
+        dict(num_inference_steps=6, cache_interval=2),
+        dict(control_image=images, num_inference_steps=3, controlnet_conditioning_scale=[1.5, 0.4],
+             control_guidance_end=[1.0, 0.5]),
+    ]
+    base = dict(height=SIZE, width=SIZE, guidance_scale=7.5, guidance_rescale=0.5)
+    requests = [{**base, **c} for c in cases]
+    jobs = []
+    for i, kw in enumerate(requests):
+        job = Job.prepared(eng.prepare(PROMPT, negative_prompt=NEGATIVE,
+                                       generator=torch.Generator().manual_seed(i), **kw))
+        jobs.append(job)
+    rows = []
+    hook = nets[0].register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    batcher = Batcher(eng, max_batch=8, batch_wait_ms=300, output_type="latent")
+    try:
+        results = [f.result(timeout=120) for f in [batcher.submit(j) for j in jobs]]
+    finally:
+        batcher.stop()
+        hook.remove()
+    assert max(rows) >= 4  # ControlNet 0 ran over several images' rows at once
+    for i, (kw, got) in enumerate(zip(requests, results)):
+        want = eng.run(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator().manual_seed(i),
+                       output_type="latent", **kw).images
+        torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
