@@ -46,12 +46,14 @@ setup(
         # FastAPI's own max_body_size (413 for large bodies) is recent, hence its bound.
         "serve": SERVE,
         "ray": RAY,
+        "controlnet": ["opencv-python-headless>=4.8"],  # the server's "canny" preprocessor
         # tensorrt-stubs (type checking of export/trt_backend.py) must be installed with
         # --no-deps: its dependencies are TensorRT's CUDA wheels. .ci/run does that.
         "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "triton>=3.0", "matplotlib>=3.7",
                  "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "mypy>=1.10",
                  *RAY, "httpx>=0.27", "openai>=1.0", "webuiapi>=0.9.17",  # real API clients
                  "DeepCache>=0.1.1",  # the DeepCache parity oracle (DeepCacheSDHelper)
+                 "opencv-python-headless>=4.8",  # the server's "canny" ControlNet preprocessor
                  # tests/test_namespace.py builds the wheel offline with this environment's
                  # setuptools (70.1 has bdist_wheel built in)
                  "setuptools>=70.1"],

@@ -18,6 +18,7 @@ from . import errors
 from .a1111 import (UNSERVED, Checkpoint, add_a1111_routes, cmd_flags, lora_items, vae_items,
                     weights_sha256)
 from .batcher import POLICIES, Batcher
+from .controlnet import ControlNets, a1111_control, add_controlnet_routes, openai_control
 from .jobs import BatchKey, Interrupted, Job, ModelError, prepare
 from .http import AuthMiddleware, Metrics, MetricsMiddleware
 from .edits import edit_form, resized
@@ -103,11 +104,14 @@ def warm_up(engine, step_graphs=None) -> None:
 
 
 def create_app(engine, model_name: str = "lumen", warmup: bool = True, lora=None,
-               flags: dict | None = None, **limits) -> FastAPI:
+               flags: dict | None = None, controlnet_names: list[str] | None = None,
+               **limits) -> FastAPI:
     """The ASGI app serving `engine`; limits are Limits' fields. Serve it with uvicorn.
 
     lora: the `lora=` the engine was built with (named in A1111's /sdapi/v1/loras); flags: the
-    server's start-up flags (A1111's /sdapi/v1/cmd-flags)."""
+    server's start-up flags (A1111's /sdapi/v1/cmd-flags); controlnet_names: what clients call
+    the engine's ControlNets (default "controlnet", or "controlnet_0", "controlnet_1", ...)."""
+    names = controlnet_labels(engine, controlnet_names)
     limits = Limits(**limits)
     metrics = Metrics(limits.max_batch)
 
@@ -122,6 +126,9 @@ def create_app(engine, model_name: str = "lumen", warmup: bool = True, lora=None
             sha256 = await asyncio.wrap_future(batcher.call(
                 lambda: weights_sha256(engine.components.unet)))
             app.state.checkpoint = Checkpoint(model_name, sha256)
+            hashes = await asyncio.wrap_future(batcher.call(
+                lambda: [weights_sha256(net) for net in engine.components.controlnets]))
+            app.state.controlnets = ControlNets(names, hashes)
             if warmup:
                 await asyncio.wrap_future(batcher.call(lambda: warm_up(engine, batcher.step_graphs)))
             app.state.ready = True
@@ -133,7 +140,9 @@ def create_app(engine, model_name: str = "lumen", warmup: bool = True, lora=None
     app = FastAPI(title="Lumen", lifespan=lifespan, max_body_size=limits.max_body_bytes)
     app.state.ready, app.state.metrics, app.state.limits = False, metrics, limits
     errors.install(app)
+    app.state.controlnets = ControlNets(names, [""] * len(names))
     add_image_routes(app, engine, model_name, limits)
+    add_controlnet_routes(app, lambda: app.state.controlnets)
     add_info_routes(app, model_name, metrics)
     add_a1111_routes(app, lambda: app.state.checkpoint, lora_items(lora, engine.components.loras),
                      cmd_flags(model=model_name, **dataclasses.asdict(limits), **(flags or {})),
@@ -151,7 +160,10 @@ def add_image_routes(app: FastAPI, engine, model_name: str, limits: Limits) -> N
     async def openai_images(body: OpenAIImageRequest, request: Request):
         check_model(body.model, model_name)
         order = openai_order(body, engine.config, size, limits.max_pixels, limits.images_per_request)
-        return await openai_answer(request, order)
+        control = await anyio.to_thread.run_sync(
+            openai_control, body, request.app.state.controlnets, (order.key.width, order.key.height),
+            limits.max_pixels)
+        return await openai_answer(request, with_control(order, *control))
 
     async def openai_answer(request: Request, order: Order, finish=None) -> dict:
         """Run an OpenAI order; OpenAI's answer (created, data with b64_json and seed)."""
@@ -181,6 +193,7 @@ def add_image_routes(app: FastAPI, engine, model_name: str, limits: Limits) -> N
     async def txt2img(body: A1111Txt2ImgRequest, request: Request):
         check_checkpoint(request, body)
         order, label = a1111_order(body, engine.config, limits.max_pixels, limits.images_per_request)
+        order = await a1111_with_control(request, body, order)
         return await a1111_generate(request, body, order, label)
 
     @app.post(A1111_IMG2IMG)
@@ -193,9 +206,18 @@ def add_image_routes(app: FastAPI, engine, model_name: str, limits: Limits) -> N
                                   masked_content=SERVED_FILLS[body.inpainting_fill] if mask else "original")
         order = dataclasses.replace(order, key=key, image=to_tensor(init),
                                     mask=None if mask is None else to_tensor(mask))
+        order = await a1111_with_control(request, body, order)
         extra = [png_base64(init, "init image")] if body.include_init_images else []
         return await a1111_generate(request, body, order, label,
                                     lambda images: overlay(images, init, mask), extra)
+
+    async def a1111_with_control(request: Request, body, order: Order) -> Order:
+        if not body.alwayson_scripts:
+            return order
+        control = await anyio.to_thread.run_sync(
+            a1111_control, body.alwayson_scripts, request.app.state.controlnets,
+            (order.key.width, order.key.height), limits.max_pixels)
+        return with_control(order, *control)
 
     async def a1111_generate(request: Request, body, order: Order, label: str, finish=None,
                              extra: list | None = None) -> dict:
@@ -213,6 +235,24 @@ def add_image_routes(app: FastAPI, engine, model_name: str, limits: Limits) -> N
                     ignored=ignored_fields(body))
         return {"images": pngs + (extra or []), "parameters": body.model_dump(),
                 "info": json.dumps(info)}
+
+
+def with_control(order: Order, control, images: tuple) -> Order:
+    """The order with its ControlNet units in its key and their control images beside it."""
+    if control is None:
+        return order
+    return dataclasses.replace(order, key=dataclasses.replace(order.key, control=control),
+                               control_images=images)
+
+
+def controlnet_labels(engine, names: list[str] | None) -> list[str]:
+    count = len(engine.components.controlnets)
+    if names is None:
+        return ["controlnet"] if count == 1 else [f"controlnet_{j}" for j in range(count)]
+    if len(names) != count or len(set(names)) != count:
+        raise InvalidInputError(f"controlnet_names={names!r}; expected {count} distinct names, one "
+                                "per ControlNet of the engine")
+    return list(names)
 
 
 def check_model(model: str | None, served: str) -> None:
@@ -250,7 +290,7 @@ async def generate(request: Request, engine, order: Order, limits: Limits) -> tu
     batcher: Batcher = request.app.state.batcher
     with batcher.admitted() as epoch:
         job = Job(order.key, order.prompts, order.negative_prompts, order.seeds, image=order.image,
-                  mask=order.mask)
+                  mask=order.mask, control_images=order.control_images)
         job.request = await asyncio.wrap_future(batcher.call(lambda: check_with_engine(engine, job)))
         images = await wait_for(request, job, asyncio.wrap_future(batcher.submit(job, epoch)), limits)
         return images, job.stopped

@@ -11,6 +11,8 @@ def add_serve_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="HTTP server (OpenAI and AUTOMATIC1111 APIs) with dynamic batching")
     p.add_argument("--model", default="default", help="built-in name (default, flawed) or a local diffusers folder")
     p.add_argument("--backend", default="torch", help="torch, onnxruntime or tensorrt")
+    p.add_argument("--controlnet", nargs="+", default=None, metavar="FOLDER",
+                   help="local ControlNet folders; clients name them by folder name")
     p.add_argument("--device", default=None)
     add_lora_argument(p)
     p.add_argument("--host", default="127.0.0.1")
@@ -56,11 +58,16 @@ def start_flags(args) -> dict:
 
 
 def run_serve(args) -> int:
-    if args.ray:
-        return run_ray(args)
-    if args.replicas is not None or args.autoscale is not None:
+    if args.ray and args.controlnet:
         from lumen.engine.errors import InvalidInputError
 
+        raise InvalidInputError("--controlnet with --ray: Ray Serve replicas load no ControlNets "
+                                "yet; expected lumen serve without --ray for ControlNet")
+    if args.ray:
+        return run_ray(args)
+    from lumen.engine.errors import InvalidInputError
+
+    if args.replicas is not None or args.autoscale is not None:
         raise InvalidInputError("--replicas and --autoscale need --ray")
     import uvicorn
 
@@ -68,9 +75,11 @@ def run_serve(args) -> int:
 
     from .app import create_app, model_label
 
-    eng = build(args.model, backend=args.backend, device=args.device, lora=args.lora)
+    eng = build(args.model, backend=args.backend, device=args.device, lora=args.lora,
+                controlnet=args.controlnet)
+    names = [model_label(path) for path in args.controlnet] if args.controlnet else None
     app = create_app(eng, model_name=model_label(args.model), lora=args.lora,
-                     flags=start_flags(args), **limits_from(args))
+                     flags=start_flags(args), controlnet_names=names, **limits_from(args))
     print(f"lumen serve: {model_label(args.model)} on {eng.device}, warming up, then "
           f"http://{args.host}:{args.port}", flush=True)
     # uvicorn drains on SIGTERM (stops accepting, finishes requests, lifespan shutdown drains the

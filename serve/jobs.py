@@ -54,6 +54,7 @@ class BatchKey:
     masked_content: str = "original"  # where the masked region starts: the image, or "noise"
     cache_interval: int = 1  # DeepCache: the full UNet every cache_interval-th step (1: off)
     cache_branch_id: int = 0  # DeepCache's shallow branch
+    control: object = None  # serve.controlnet.Control: the ControlNets used, weights, windows
 
     @property
     def cfg(self) -> bool:
@@ -76,6 +77,7 @@ class Job:
     request: dict | None = None
     image: torch.Tensor | None = None  # [1, 3, H, W] in [0, 1] for image-to-image
     mask: torch.Tensor | None = None  # [1, 1, H, W] in [0, 1], white repaints
+    control_images: tuple = ()  # [1, 3, H, W] in [0, 1], one per unit of key.control
     created: float = field(default_factory=time.monotonic)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     dropped: bool = False  # the client left: free the slots at the next step boundary
@@ -117,4 +119,6 @@ def prepare(engine, job: Job) -> dict:
         height=key.height, width=key.width, clip_skip=key.clip_skip, image=job.image,
         strength=0.8 if key.strength is None else key.strength, mask_image=job.mask,
         masked_content=key.masked_content, cache_interval=key.cache_interval,
-        cache_branch_id=key.cache_branch_id)
+        cache_branch_id=key.cache_branch_id,
+        **(key.control.run_args(len(engine.components.controlnets), job.control_images)
+           if key.control is not None else {}))

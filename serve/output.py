@@ -32,6 +32,11 @@ def infotext(prompt: str, negative_prompt: str, key: BatchKey, seed: int, model:
     if config.s_churn and config.sampler in ("euler", "heun"):
         fields.update({"Sigma churn": config.s_churn, "Sigma tmin": config.s_tmin,
                        "Sigma tmax": config.s_tmax, "Sigma noise": config.s_noise})
+    if key.control is not None:
+        for i, ((_, w, s, e), name) in enumerate(zip(key.control.units, key.control.names)):
+            fields[f"ControlNet {i}"] = (f'"Model: {name}, Weight: {w:g}, Guidance Start: {s:g}, '
+                                         f'Guidance End: {e:g}, Control Mode: '
+                                         f'{"ControlNet is more important" if key.control.guess_mode else "Balanced"}"')
     if key.cache_interval > 1:
         fields.update({"DeepCache interval": key.cache_interval,
                        "DeepCache branch": key.cache_branch_id})

@@ -46,6 +46,7 @@ class Order:
     seeds: tuple[int, ...]
     image: Any = None  # [1, 3, H, W] tensor in [0, 1] (image-to-image)
     mask: Any = None  # [1, 1, H, W] tensor in [0, 1], white repaints (inpainting)
+    control_images: tuple = ()  # [1, 3, H, W] in [0, 1], one per ControlNet unit of key.control
 
 
 class OpenAIImageRequest(BaseModel):
@@ -71,6 +72,13 @@ class OpenAIImageRequest(BaseModel):
     sampler: str | None = None
     cache_interval: int = 1  # DeepCache (engine.deepcache); 1 is off
     cache_branch_id: int = 0
+    # ControlNet (serve.controlnet): base64 control image(s), the ControlNets they are for
+    control_image: str | list[str | None] | None = None
+    controlnet: str | list[str] | None = None
+    controlnet_conditioning_scale: float | list[float] = 1.0
+    control_guidance_start: float | list[float] = 0.0
+    control_guidance_end: float | list[float] = 1.0
+    guess_mode: bool = False
 
 
 class A1111Txt2ImgRequest(BaseModel):
@@ -237,7 +245,8 @@ def a1111_churn(req: A1111Txt2ImgRequest, sampler: str) -> dict:
 
 def check_a1111_features(req: A1111Txt2ImgRequest) -> None:
     unsupported = {"enable_hr": req.enable_hr, "restore_faces": bool(req.restore_faces),
-                   "tiling": bool(req.tiling), "alwayson_scripts": bool(req.alwayson_scripts),
+                   "tiling": bool(req.tiling),
+                   "alwayson_scripts": bool(set(req.alwayson_scripts) - {"controlnet", "ControlNet"}),
                    "script_name": bool(req.script_name)}
     for name, asked in unsupported.items():
         if asked:

@@ -265,3 +265,116 @@ def test_scheduled_controlnet_images_equal_their_alone_runs(parts):
         want = eng.run(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator().manual_seed(i),
                        output_type="latent", **kw).images
         torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+
+
+def png_b64(tensor) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    array = (tensor[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_the_server_takes_a1111_controlnet_units_and_openai_control_images(parts):
+    """A1111's ControlNet extension payload (alwayson_scripts.controlnet.args) and the OpenAI
+    body's control_image reach the engine: the images equal Engine.run's with the same control
+    (8-bit PNG: one level); the extension's listings answer; bad units are 422s naming the field,
+    and the server keeps serving."""
+    import base64
+    import io
+
+    import httpx
+    import numpy as np
+    from openai import OpenAI
+    from PIL import Image
+
+    from server_helpers import RunningServer
+
+    pipe, nets, _ = parts
+    eng = engine.build(pipe, scheduler=pipe.scheduler, device="cpu", controlnet=nets)
+    g = torch.Generator().manual_seed(21)
+    control = (torch.rand(1, 3, 16, 16, generator=g) * 255).round() / 255  # exact in a PNG
+    wide = (torch.rand(1, 3, 16, 32, generator=g) * 255).round() / 255
+
+    def want(seed, **kw):
+        image = eng.run(PROMPT, negative_prompt="", num_inference_steps=5, guidance_scale=7.0,
+                        guidance_rescale=0.7, generator=torch.Generator().manual_seed(seed),
+                        height=16, width=16, output_type="np", **kw).images[0]
+        return np.round(image * 255).astype(np.int16)
+
+    def got(b64):
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")).astype(np.int16)
+
+    server = RunningServer(eng, batch_wait_ms=5, max_pixels=64 * 64, controlnet_names=["edges", "depth"])
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            titles = client.get("/controlnet/model_list").json()["model_list"]
+            assert [t.split(" [")[0] for t in titles] == ["edges", "depth"] and len(titles[0]) == 16
+            assert client.get("/controlnet/module_list").json()["module_list"] == ["none", "canny"]
+            assert client.get("/controlnet/version").json() == {"version": 2}
+            unit = {"enabled": True, "image": png_b64(control), "module": "none", "model": titles[1],
+                    "weight": 0.8, "guidance_start": 0.0, "guidance_end": 0.6,
+                    "control_mode": "Balanced", "pixel_perfect": False, "resize_mode": "Crop and Resize"}
+            body = {"prompt": PROMPT, "seed": 4, "steps": 5, "cfg_scale": 7.0, "width": 16,
+                    "height": 16, "sampler_name": "DDIM",
+                    "alwayson_scripts": {"controlnet": {"args": [unit, {"enabled": False}]}}}
+            r = client.post("/sdapi/v1/txt2img", json=body)
+            assert r.status_code == 200, r.text
+            expected = want(4, control_image=[None, control], controlnet_conditioning_scale=[0, 0.8],
+                            control_guidance_end=[1, 0.6])
+            assert np.abs(got(r.json()["images"][0]) - expected).max() <= 1
+            assert np.abs(got(r.json()["images"][0]) - want(4)).max() > 1  # the control mattered
+            expected_a1111 = expected
+            # a wider image is centre-cropped to the output (A1111's "Crop and Resize")
+            r = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"controlnet": {
+                "args": [{**unit, "image": png_b64(wide), "model": "depth"}]}}})
+            cropped = wide[..., 8:24]
+            assert np.abs(got(r.json()["images"][0]) - want(
+                4, control_image=[None, cropped], controlnet_conditioning_scale=[0, 0.8],
+                control_guidance_end=[1, 0.6])).max() <= 1
+            canny = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"controlnet": {
+                "args": [{**unit, "module": "canny"}]}}})
+            assert canny.status_code == 200, canny.text
+            bad = [({"model": "nope"}, "model", "expected a loaded ControlNet"),
+                   ({"module": "depth_midas"}, "module", "needs a preprocessor model"),
+                   ({"control_mode": "My prompt is more important"}, "control_mode", "expected one of"),
+                   ({"image": "not base64!"}, "image", "not valid base64"),
+                   ({"guidance_start": 0.9, "guidance_end": 0.2}, None, "control_guidance_start=0.9")]
+            for change, field, words in bad:
+                r = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {
+                    "controlnet": {"args": [{**unit, **change}]}}})
+                assert r.status_code == 422 and words in r.json()["error"]["message"], r.text
+                if field:
+                    assert r.json()["error"]["param"] == f"alwayson_scripts.controlnet.args[0].{field}"
+            other = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"adetailer": {}}})
+            assert other.status_code == 422 and other.json()["error"]["param"] == "alwayson_scripts"
+        import webuiapi  # the A1111 client, with its own ControlNetUnit
+
+        a1111 = webuiapi.WebUIApi(baseurl=f"{server.url}/sdapi/v1")
+        assert a1111.controlnet_model_list() == titles and a1111.controlnet_version() == 2
+        pil = Image.open(io.BytesIO(base64.b64decode(png_b64(control))))
+        result = a1111.txt2img(prompt=PROMPT, seed=4, steps=5, cfg_scale=7.0, width=16, height=16,
+                               sampler_name="DDIM", eta=0.0, controlnet_units=[webuiapi.ControlNetUnit(
+                                   image=pil, model="depth", weight=0.8, guidance_end=0.6)])
+        assert np.abs(np.asarray(result.image.convert("RGB")).astype(np.int16) - expected_a1111).max() <= 1
+        api = OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        result = api.images.generate(prompt=PROMPT, size="16x16", response_format="b64_json",
+                                     extra_body={"num_inference_steps": 5, "seed": 6,
+                                                 "guidance_scale": 7.0, "sampler": "ddim",
+                                                 "negative_prompt": "", "controlnet": "edges",
+                                                 "control_image": png_b64(control),
+                                                 "controlnet_conditioning_scale": 1.2})
+        expected = want(6, control_image=[control, None], controlnet_conditioning_scale=[1.2, 0])
+        assert np.abs(got(result.data[0].b64_json) - expected).max() <= 1
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            r = client.post("/v1/images/generations", json={"prompt": PROMPT, "size": "16x16",
+                                                            "control_image": png_b64(control)})
+            assert r.status_code == 422 and r.json()["error"]["param"] == "control_image"
+            assert "1 control images for 2 ControlNets" in r.json()["error"]["message"]
+            assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200  # still serving
+    finally:
+        server.stop()
