@@ -27,8 +27,8 @@ from lumen.engine.runtime import Engine, TorchRunner
 
 from .presets import PRESETS
 
-ROWS = ("diffusers", "eager", "fused", "graph", "deepcache", "compiled", "deepcache_compiled",
-        "tensorrt")
+ROWS = ("diffusers", "eager", "fused", "graph", "deepcache", "controlnet", "compiled",
+        "deepcache_compiled", "tensorrt")
 DEEPCACHE = (3, 0)  # the deepcache row's (cache_interval, cache_branch_id): DeepCache's default
 APPROXIMATE = ("deepcache", "deepcache_compiled")  # rows that change the result by design: max_diff reported, not checked
 PROMPT = "a red circle on a solid black background"  # in the built-in models' vocabulary
@@ -185,6 +185,43 @@ def engine_loop(setup: Setup, runner, backend: str, graph: bool, kernels: str, c
     return loop
 
 
+def controlnet_loop(setup: Setup, runner, graph: bool):
+    """The engine loop with one ControlNet beside the UNet (ControlNetModel.from_unet: the
+    UNet's weights, zero-initialised output convs, so the image equals the eager row's; scale 1
+    on every step): what running a ControlNet costs. Its conditioning embedding downsamples by
+    the model's VAE factor; presets have no VAE (the request is in latent pixels), so theirs
+    keeps full size."""
+    import dataclasses
+
+    from diffusers import ControlNetModel
+
+    unet = setup.components.unet
+    f = setup.components.vae_scale_factor
+    channels = {1: (16,), 2: (16, 32), 4: (16, 32, 96), 8: (16, 32, 96, 256)}[f]
+    torch.manual_seed(0)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
+    net = net.to(setup.device).eval().requires_grad_(False)
+    if setup.dtype != torch.float32:
+        net = net.to(dtype=setup.dtype)
+    components = dataclasses.replace(setup.components, controlnets=(net,))
+    eng = Engine(components, setup.config, runner, setup.device, setup.dtype, "torch",
+                 cuda_graph=graph, graphs=GraphCache(1))
+    r = setup.request
+    n, _, h, w = r["x_T"].shape
+    g = torch.Generator().manual_seed(2)
+    image = torch.rand(n, 3, h * f, w * f, generator=g).to(setup.device, setup.dtype)
+    evaluations = len(r["dp"].timesteps)
+    control = {"image0": torch.cat([image, image]) if r["cfg"] else image,
+               "scales": torch.ones(evaluations, 1, device=setup.device)}
+    request = {**r, "control": control, "guess_mode": False}
+
+    def loop():
+        with kernel_mode("auto"):
+            return eng.sample(**request)
+    loop.engine = eng
+    return loop
+
+
 def floor_loop(setup: Setup, runner, graph: bool):
     """The bare UNet, once per evaluation point of the plan, on fixed inputs."""
     r = setup.request
@@ -313,6 +350,10 @@ def row_loop(row: str, setup: Setup, s: Settings, runners: dict) -> tuple:
     if row == "fused":
         return (engine_loop(setup, runners["eager"], "torch", False, "auto"), "eager",
                 "Lumen loop, fused Triton step")
+    if row == "controlnet":
+        return (controlnet_loop(setup, runners["eager"], cuda), "eager",
+                "ControlNet (from_unet, random weights) + UNet" +
+                (", fused step, whole-loop CUDA graph" if cuda else ", torch reference step"))
     if row in ("deepcache", "deepcache_compiled"):
         unet = "compiled" if row == "deepcache_compiled" else "eager"
         return (engine_loop(setup, runners[unet], "torch", cuda, "auto", DEEPCACHE), unet,

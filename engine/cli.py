@@ -37,6 +37,18 @@ def add_generate_parser(subparsers) -> None:
                    help="DeepCache: the full UNet every N-th step, its shallow branch between (1: off)")
     p.add_argument("--cache-branch-id", type=int, default=0,
                    help="DeepCache's branch: block = id // 3, layer = id %% 3")
+    p.add_argument("--controlnet", nargs="+", default=None, metavar="FOLDER",
+                   help="local ControlNet folders (a model folder with a controlnet/ brings its own)")
+    p.add_argument("--control-image", nargs="+", default=None, metavar="CONTROL.png",
+                   help="one control image per ControlNet, at the output size")
+    p.add_argument("--control-scale", type=float, nargs="+", default=[1.0],
+                   help="controlnet_conditioning_scale: one, or one per ControlNet")
+    p.add_argument("--control-start", type=float, nargs="+", default=[0.0],
+                   help="control_guidance_start: one, or one per ControlNet")
+    p.add_argument("--control-end", type=float, nargs="+", default=[1.0],
+                   help="control_guidance_end: one, or one per ControlNet")
+    p.add_argument("--guess-mode", action="store_true",
+                   help="the ControlNets see the conditional rows only")
     add_lora_argument(p)
     p.set_defaults(func=run_generate)
 
@@ -53,13 +65,17 @@ def run_generate(args) -> int:
     from .runtime import build
 
     start = time.perf_counter()
-    eng = build(args.model, device=args.device, lora=args.lora)
+    eng = build(args.model, device=args.device, lora=args.lora, controlnet=args.controlnet)
     changes = {k: v for k, v in (("sampler", args.sampler), ("timestep_spacing", args.spacing)) if v}
     if changes:
         eng.config = eng.config.replace(**changes)
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
     source = read_image(args.image) if args.image else None
     mask = read_image(args.mask, "--mask").convert("L") if args.mask else None
+    control = None
+    if args.control_image:
+        control = [read_image(path, "--control-image") for path in args.control_image]
+        control = control[0] if len(control) == 1 else control
     steps = min(int(args.steps * args.strength), args.steps) if source is not None else args.steps
     with tqdm(total=steps, desc="sampling", unit="step") as bar:
         images = eng.run(prompt=args.prompt, negative_prompt=args.negative_prompt,
@@ -68,6 +84,9 @@ def run_generate(args) -> int:
                          height=args.height, width=args.width, num_images_per_prompt=args.num_images,
                          image=source, strength=args.strength, mask_image=mask,
                          cache_interval=args.cache_interval, cache_branch_id=args.cache_branch_id,
+                         control_image=control, controlnet_conditioning_scale=_one(args.control_scale),
+                         control_guidance_start=_one(args.control_start),
+                         control_guidance_end=_one(args.control_end), guess_mode=args.guess_mode,
                          callback=lambda i: bar.update(1)).images
     for path, image in zip(_output_paths(Path(args.output), len(images)), images):
         if args.upscale > 1:
@@ -91,6 +110,11 @@ def read_image(path: str, option: str = "--image"):
             return image.convert("RGB")
     except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError) as err:
         raise InvalidInputError(f"{option} {path!r}: {err}; expected an image file") from err
+
+
+def _one(values: list):
+    """A repeatable option's values: one value as itself, several as a list."""
+    return values[0] if len(values) == 1 else values
 
 
 def _output_paths(path: Path, n: int) -> list[Path]:

@@ -39,6 +39,8 @@ def test_default_model_rows_on_cpu(tmp_path, capsys):
         assert r["overhead"] == pytest.approx(r["loop_ms"] / rows["floor:eager"]["loop_ms"])
     # the baseline and Lumen's loop sample the same thing
     assert rows["diffusers"]["max_diff"] < 1e-4 and rows["eager"]["max_diff"] == 0
+    # from_unet's zero output convs: the ControlNet row runs a ControlNet and adds zeros
+    assert rows["controlnet"]["max_diff"] == 0 and rows["controlnet"]["loop_ms"] > 0
     for name in ("fused", "graph"):
         assert "needs CUDA" in rows[name]["skipped"]
     assert "name it in --rows" in rows["compiled"]["skipped"]

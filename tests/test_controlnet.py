@@ -378,3 +378,36 @@ def test_the_server_takes_a1111_controlnet_units_and_openai_control_images(parts
             assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200  # still serving
     finally:
         server.stop()
+
+
+def test_generate_takes_controlnet_folders_and_control_images(parts, tmp_path, capsys):
+    """`lumen generate --controlnet FOLDER --control-image PNG` on a local pipeline folder: the
+    PNG equals Engine.run's image with the same control."""
+    import numpy as np
+    from PIL import Image
+
+    from lumen.cli import main
+
+    pipe, nets, images = parts
+    pipe.save_pretrained(tmp_path / "model")
+    nets[0].save_pretrained(tmp_path / "edges")
+    control = (images[0][..., :16, :16] * 255).round() / 255
+    Image.fromarray((control[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(
+        tmp_path / "control.png")
+    out = tmp_path / "out.png"
+    assert main(["generate", PROMPT, "--model", str(tmp_path / "model"), "--controlnet",
+                 str(tmp_path / "edges"), "--control-image", str(tmp_path / "control.png"),
+                 "--control-scale", "0.7", "--control-end", "0.8", "--steps", "5", "--height", "16",
+                 "--width", "16", "--rescale", "0", "-o", str(out)]) == 0
+    eng = engine.build(pipe, device="cpu", controlnet=nets[0])
+    want = eng.run(PROMPT, num_inference_steps=5, guidance_rescale=0.0, height=16, width=16,
+                   control_image=control, controlnet_conditioning_scale=0.7,
+                   control_guidance_end=0.8, generator=torch.Generator().manual_seed(0),
+                   output_type="np").images[0]
+    got = np.asarray(Image.open(out).convert("RGB")).astype(np.int16)
+    assert np.abs(got - np.round(want * 255)).max() <= 1
+    assert main(["generate", PROMPT, "--model", str(tmp_path / "model"), "--controlnet",
+                 str(tmp_path / "edges"), "--control-image", str(tmp_path / "control.png"),
+                 "--steps", "5", "--height", "32", "--width", "32", "-o", str(out)]) == 2
+    assert "control image 0 is 16x16 (height x width); expected the output's 32x32" in \
+        capsys.readouterr().err
