@@ -62,9 +62,19 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
     components = load_components(model, initial_step, lora, controlnet).to(device, dtype)
     set_vae_options(components.vae, vae_slicing, vae_tiling)
     config = sampler_config(scheduler, components.scheduler_config)
-    runner = unet_runner(components.unet, backend, device, dtype, options, compile_mode,
+    control = bool(components.controlnets) and backend != "torch"
+    runner = unet_runner(components.unet, backend, device, dtype,
+                         {**options, "residuals": True} if control else options, compile_mode,
                          components.loras)
-    return Engine(components, config, runner, device, dtype, backend, use_graphs, cache)
+    control_runners = None
+    if control:  # exported ControlNets beside the exported UNet
+        from lumen.export.controlnet_export import load_controlnet_runner
+
+        keep = {k: v for k, v in options.items() if k in ("cache_dir", "provider")}
+        control_runners = tuple(load_controlnet_runner(net, device=device, dtype=dtype, **keep)
+                                for net in components.controlnets)
+    return Engine(components, config, runner, device, dtype, backend, use_graphs, cache,
+                  control_runners)
 
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
@@ -155,11 +165,15 @@ class Engine:
     """
 
     def __init__(self, components: Components, config: SamplerConfig, runner, device, dtype,
-                 backend: str = "torch", cuda_graph: bool = False, graphs: GraphCache | None = None):
+                 backend: str = "torch", cuda_graph: bool = False, graphs: GraphCache | None = None,
+                 control_runners: tuple | None = None):
         self.components, self.config, self.runner = components, config, runner
         self.device, self.dtype, self.backend = device, dtype, backend
         self.cuda_graph = cuda_graph
         self.graphs = graphs if graphs is not None else GraphCache()
+        # what runs each ControlNet: the module itself, or its exported graph's runner
+        self.control_runners = control_runners if control_runners is not None else \
+            components.controlnets
 
     def with_config(self, config: SamplerConfig) -> "Engine":
         """A sibling engine sampling with `config`: it shares the model, runner and graph cache.
@@ -170,7 +184,7 @@ class Engine:
         if not isinstance(config, SamplerConfig):
             raise InvalidTypeError(f"config of type {type(config).__name__}; expected SamplerConfig")
         return Engine(self.components, config, self.runner, self.device, self.dtype, self.backend,
-                      self.cuda_graph, self.graphs)
+                      self.cuda_graph, self.graphs, self.control_runners)
 
     def run(self, prompt=None, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
             num_inference_steps: int = 25, guidance_scale: float = 7.5, guidance_rescale: float = 0.7,
@@ -287,9 +301,6 @@ class Engine:
                                     "engine.build(..., controlnet=...) first")
         if not isinstance(guess_mode, bool):
             raise InvalidTypeError(f"guess_mode of type {type(guess_mode).__name__}; expected bool")
-        if not isinstance(self.runner, TorchRunner):
-            raise InvalidInputError(f"ControlNet with backend={self.backend!r}; the exported UNet "
-                                    "takes no residual inputs yet; expected backend='torch'")
         if cache is not None:
             raise InvalidInputError(f"cache_interval={cache[0]} with ControlNet; DeepCache does not "
                                     "reuse features that control residuals change; expected "
@@ -371,7 +382,7 @@ class Engine:
         runner = runner if runner is not None else self.runner
         inpaint = inpaint or {}
         cond = inpaint.get("cond")
-        control, nets = control or {}, self.components.controlnets
+        control, nets = control or {}, self.control_runners
         switch = None  # DeepCache's, when the run uses it (set below)
         steps_of = None if cache is None else samplers.evaluation_steps(dp.plan)  # step of each point
 

@@ -232,14 +232,15 @@ def control_call(engine, inputs: StepInputs, sample, t_rows) -> dict:
                     groups.setdefault((int(key.removeprefix("image")), slot.guess_mode), []).append((r, slot))
     if not groups:
         return {}
-    nets, down, mid = engine.components.controlnets, None, None
+    nets, down, mid = engine.control_runners, None, None
     for (j, guess), members in groups.items():
         rows = [r for r, _ in members]
         index = torch.tensor(rows, device=sample.device)
         image = torch.cat([slot.control[f"image{j}"][:1] for _, slot in members])  # rows share it
         scale = torch.stack([slot.control["scales"][slot.k, j] for _, slot in members])
         scale = scale.view(-1, 1, 1, 1)
-        d, m = nets[j](sample[index], t_rows[index], encoder_hidden_states=inputs.emb[index],
+        t = t_rows[index] if t_rows.ndim else t_rows  # exported runners: one timestep a call
+        d, m = nets[j](sample[index], t, encoder_hidden_states=inputs.emb[index],
                        controlnet_cond=image, conditioning_scale=1.0 if guess else scale,
                        guess_mode=guess, added_cond_kwargs={k: v[index] for k, v in
                                                             inputs.added.items()} or None,

@@ -48,10 +48,11 @@ def build(unet: torch.nn.Module, backend: str, *, device: str | torch.device, dt
           cache_dir: str | Path | None = None, min_shape: Shape | None = None,
           opt_shape: Shape | None = None, max_shape: Shape | None = None,
           exporter: str = "torchscript", optimization_level: int = 3,
-          progress: Progress | None = None, loras: tuple = ()) -> Artifact:
+          progress: Progress | None = None, loras: tuple = (), residuals: bool = False) -> Artifact:
     """Export (and for TensorRT build) through the cache; returns the artifact to load.
 
     loras: provenance (file sha256, scale) of LoRAs fused into unet, recorded in the key.
+    residuals: the UNet graph also takes ControlNet residuals (onnxruntime only so far).
     """
     check_choice("backend", backend, BACKENDS)
     check_choice("exporter", exporter, EXPORTERS)
@@ -60,11 +61,16 @@ def build(unet: torch.nn.Module, backend: str, *, device: str | torch.device, dt
         from .trt_backend import check_available
 
         check_available(device)  # before minutes of export
-    signature = UNetSignature.of(unet.config)
+    if residuals and backend == "tensorrt":
+        from lumen.engine.errors import InvalidInputError
+
+        raise InvalidInputError("ControlNet with backend='tensorrt': its engine with residual "
+                                "inputs is not built yet; expected backend='onnxruntime' or 'torch'")
+    signature = UNetSignature.of(unet.config, residuals)
     profile = default_profile(unet, min_shape, opt_shape, max_shape)
     cache = ArtifactCache(cache_dir)
     onnx_path, hit = export_cached(unet, cache, dtype=dtype, exporter=exporter, progress=progress,
-                                   loras=loras)
+                                   loras=loras, residuals=residuals)
     path = onnx_path
     if backend == "tensorrt":
         from .trt_backend import build_cached
@@ -80,13 +86,14 @@ def load_runner(unet: torch.nn.Module, backend: str, *, device: str | torch.devi
                 min_shape: Shape | None = None, opt_shape: Shape | None = None,
                 max_shape: Shape | None = None, exporter: str = "torchscript",
                 provider: str = "auto", progress: Progress | None = None,
-                loras: tuple = ()) -> Runner:
+                loras: tuple = (), residuals: bool = False) -> Runner:
     """A runner for backend, exporting/building on a cache miss.
 
     Shapes are latent (batch, height, width). For TensorRT they are the optimization profile;
     onnxruntime runs any multiple of 2^downsamplers, and only validates them. provider picks
     onnxruntime's execution provider: auto (CPU or CUDA by device), cpu, cuda or tensorrt.
     loras: provenance of LoRAs fused into unet (engine.lora), kept in the cache key.
+    residuals: the UNet takes ControlNet residuals (down=, mid=; zeros when not given).
     """
     device = torch.device(device)
     if backend == "onnxruntime":
@@ -96,7 +103,7 @@ def load_runner(unet: torch.nn.Module, backend: str, *, device: str | torch.devi
         providers_for(device, provider, None)
     artifact = build(unet, backend, device=device, dtype=dtype, cache_dir=cache_dir,
                      min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
-                     exporter=exporter, progress=progress, loras=loras)
+                     exporter=exporter, progress=progress, loras=loras, residuals=residuals)
     if backend == "onnxruntime":
         from .ort_backend import OrtRunner
 

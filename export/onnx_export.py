@@ -41,9 +41,11 @@ class UNetSignature:
     text_embeds_dim: int | None      # SDXL addition_embed_type="text_time"
     time_ids_dim: int | None
     out_channels: int = 0  # 0: same as in_channels
+    # ControlNet residual inputs down_0.., mid: (channels, downscale) each; () without
+    residuals: tuple[tuple[int, int], ...] = ()
 
     @classmethod
-    def of(cls, config) -> "UNetSignature":
+    def of(cls, config, residuals: bool = False) -> "UNetSignature":
         cross = config.cross_attention_dim
         if not isinstance(cross, int):
             raise InvalidInputError(f"cross_attention_dim={cross!r}; ONNX export expects one int")
@@ -52,7 +54,8 @@ class UNetSignature:
             time_dim = 6  # SDXL: original size, crop top-left, target size
             text_dim = config.projection_class_embeddings_input_dim - time_dim * config.addition_time_embed_dim
         return cls(config.in_channels, cross, 2 ** (len(config.block_out_channels) - 1),
-                   text_dim, time_dim, config.out_channels)
+                   text_dim, time_dim, config.out_channels,
+                   residual_shapes(config) if residuals else ())
 
     def output_like(self, sample: torch.Tensor) -> torch.Tensor:
         """An empty UNet output for sample [B, in_channels, H, W]: [B, out_channels, H, W]."""
@@ -60,9 +63,26 @@ class UNetSignature:
         return sample.new_empty(B, self.out_channels or self.in_channels, H, W)
 
     @property
+    def added_names(self) -> tuple[str, ...]:
+        return ("text_embeds", "time_ids") if self.text_embeds_dim is not None else ()
+
+    @property
+    def residual_names(self) -> tuple[str, ...]:
+        """down_0 .. down_{K-1}, mid: the ControlNet residual inputs (none without)."""
+        if not self.residuals:
+            return ()
+        return tuple(f"down_{i}" for i in range(len(self.residuals) - 1)) + ("mid",)
+
+    @property
     def input_names(self) -> tuple[str, ...]:
-        extra = ("text_embeds", "time_ids") if self.text_embeds_dim is not None else ()
-        return ("sample", "timestep", "encoder_hidden_states") + extra
+        return ("sample", "timestep", "encoder_hidden_states") + self.added_names + \
+            self.residual_names
+
+    def residual_zeros(self, sample: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Zero residuals for sample [B, C, H, W] (a request without control)."""
+        B, _, H, W = sample.shape
+        return {name: sample.new_zeros(B, c, H // f, W // f)
+                for name, (c, f) in zip(self.residual_names, self.residuals)}
 
     def example(self, dtype: torch.dtype, batch: int = 2, height: int | None = None,
                 width: int | None = None, seq_len: int = 77) -> dict[str, torch.Tensor]:
@@ -76,6 +96,8 @@ class UNetSignature:
         if self.text_embeds_dim is not None:
             inputs["text_embeds"] = torch.randn(batch, self.text_embeds_dim, dtype=dtype)
             inputs["time_ids"] = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * batch, dtype=dtype)
+        for name, (c, f) in zip(self.residual_names, self.residuals):
+            inputs[name] = torch.randn(batch, c, height // f, width // f, dtype=dtype)
         return inputs
 
     def check_call(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor,
@@ -88,15 +110,30 @@ class UNetSignature:
         if encoder_hidden_states.shape[0] != sample.shape[0]:
             raise InvalidInputError(f"encoder_hidden_states batch {encoder_hidden_states.shape[0]}"
                                     f" != sample batch {sample.shape[0]}")
-        missing = set(self.input_names[3:]) - set(added)
-        if missing or set(added) - set(self.input_names[3:]):
+        names = self.added_names + self.residual_names
+        missing = set(names) - set(added)
+        if missing or set(added) - set(names):
             raise InvalidInputError(f"extra UNet inputs {sorted(added)}; this UNet takes "
-                                    f"{list(self.input_names[3:])}")
+                                    f"{list(names)}")
         for name, t in {"sample": sample, "encoder_hidden_states": encoder_hidden_states,
                         **added}.items():
             if t.dtype != dtype:
                 raise InvalidInputError(f"{name} dtype {t.dtype}; this runner was built for "
                                         f"{dtype}")
+
+
+def residual_shapes(config) -> tuple[tuple[int, int], ...]:
+    """(channels, downscale) of each skip connection a ControlNet adds to (conv_in's, each down
+    block layer's and downsampler's), then the middle block's: the UNet's down path."""
+    channels = list(config.block_out_channels)
+    layers = config.layers_per_block
+    layers = list(layers) if isinstance(layers, (list, tuple)) else [layers] * len(channels)
+    shapes = [(channels[0], 1)]
+    for b, c in enumerate(channels):
+        shapes += [(c, 2 ** b)] * layers[b]
+        if b < len(channels) - 1:
+            shapes.append((c, 2 ** (b + 1)))
+    return tuple(shapes) + ((channels[-1], 2 ** (len(channels) - 1)),)
 
 
 def check_latent_size(height: int, width: int, multiple: int) -> None:
@@ -112,14 +149,17 @@ def check_latent_size(height: int, width: int, multiple: int) -> None:
 class _Forward(torch.nn.Module):
     """UNet with positional inputs and a plain tensor output, as the ONNX graph sees it."""
 
-    def __init__(self, unet: torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module, sig: UNetSignature):
         super().__init__()
-        self.unet = unet
+        self.unet, self.sdxl, self.residuals = unet, sig.text_embeds_dim is not None, len(sig.residuals)
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        added = {"text_embeds": rest[0], "time_ids": rest[1]} if self.sdxl else None
+        rest = rest[2:] if self.sdxl else rest
+        down, mid = (list(rest[:-1]), rest[-1]) if self.residuals else (None, None)
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                         added_cond_kwargs=added, return_dict=False)[0]
+                         added_cond_kwargs=added, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid, return_dict=False)[0]
 
 
 def unet_dtype(unet: torch.nn.Module) -> torch.dtype:
@@ -144,13 +184,16 @@ EXPORT_FORMAT = 1  # bump whenever this module changes the graph it writes
 
 
 def export_onnx(unet: torch.nn.Module, path: Path, *, dtype: torch.dtype,
-                exporter: str = "torchscript", opset: int | None = None) -> float:
-    """Write path (plus path.data when weights exceed 2 GB), check it; returns export seconds."""
+                exporter: str = "torchscript", opset: int | None = None,
+                residuals: bool = False) -> float:
+    """Write path (plus path.data when weights exceed 2 GB), check it; returns export seconds.
+
+    residuals: the graph also takes ControlNet residuals (down_0.., mid) to add."""
     check_export_args(unet, dtype, exporter)
-    sig = UNetSignature.of(unet.config)
+    sig = UNetSignature.of(unet.config, residuals)
     device = next(unet.parameters()).device  # trace where the UNet lives (CUDA for TensorRT)
     inputs = {name: t.to(device) for name, t in sig.example(dtype).items()}
-    model = _Forward(unet).eval()
+    model = _Forward(unet, sig).eval()
     external = sum(p.numel() * p.element_size() for p in unet.parameters()) >= _EXTERNAL_ABOVE
     start = time.perf_counter()
     with torch.no_grad(), _quiet_exporter():
@@ -172,8 +215,10 @@ def _dynamic_axes(sig: UNetSignature) -> dict[str, dict[int, str]]:
     axes = {"sample": {0: "batch", 2: "height", 3: "width"},
             "encoder_hidden_states": {0: "batch", 1: "sequence"},
             OUTPUT: {0: "batch", 2: "height", 3: "width"}}
-    for name in sig.input_names[3:]:
+    for name in sig.added_names:
         axes[name] = {0: "batch"}
+    for name in sig.residual_names:
+        axes[name] = {0: "batch", 2: f"{name}_height", 3: f"{name}_width"}
     return axes
 
 
@@ -191,8 +236,10 @@ def _export_dynamo(model, inputs, sig, path, opset, external):
     rows, cols = dim("rows", min=1, max=512), dim("cols", min=1, max=512)
     shapes = {"sample": {0: batch, 2: sig.multiple * rows, 3: sig.multiple * cols},
               "timestep": None, "encoder_hidden_states": {0: batch, 1: seq}}
-    for name in sig.input_names[3:]:
+    for name in sig.added_names:
         shapes[name] = {0: batch}
+    for name, (_, f) in zip(sig.residual_names, sig.residuals):
+        shapes[name] = {0: batch, 2: sig.multiple // f * rows, 3: sig.multiple // f * cols}
     program = torch.onnx.export(model, (), kwargs=inputs, dynamo=True,
                                 input_names=list(sig.input_names), output_names=[OUTPUT],
                                 dynamic_shapes=shapes, opset_version=opset)
@@ -227,7 +274,7 @@ def _quiet_exporter():
 
 
 def onnx_key_fields(unet: torch.nn.Module, dtype: torch.dtype, exporter: str,
-                    opset: int | None = None, loras: tuple = ()) -> dict:
+                    opset: int | None = None, loras: tuple = (), residuals: bool = False) -> dict:
     """Everything that determines the ONNX file; private config keys (paths) are left out.
 
     loras: the fused LoRAs (file sha256, scale). The weights hash already covers them; they are
@@ -248,21 +295,24 @@ def onnx_key_fields(unet: torch.nn.Module, dtype: torch.dtype, exporter: str,
               "export_format": EXPORT_FORMAT}
     if loras:  # absent without LoRAs, so that entries made before LoRA support still match
         fields["loras"] = [dict(lora) for lora in loras]
+    if residuals:  # absent without, for the same reason
+        fields["controlnet_residuals"] = True
     return fields
 
 
 def export_cached(unet: torch.nn.Module, cache: ArtifactCache, *, dtype: torch.dtype,
                   exporter: str = "torchscript", progress: Progress | None = None,
-                  loras: tuple = ()) -> tuple[Path, bool]:
+                  loras: tuple = (), residuals: bool = False) -> tuple[Path, bool]:
     """(path of the cached unet.onnx, cache hit); exports on a miss."""
     check_export_args(unet, dtype, exporter)
     phase = (progress or Progress(enabled=False)).phase
     with phase("hashing UNet weights"):
-        fields = onnx_key_fields(unet, dtype, exporter, loras=loras)
+        fields = onnx_key_fields(unet, dtype, exporter, loras=loras, residuals=residuals)
 
     def build(staging: Path) -> None:
         with phase(f"exporting ONNX ({exporter}, {DTYPE_NAMES[dtype]})"):
-            export_onnx(unet, staging / ONNX_FILE, dtype=dtype, exporter=exporter)
+            export_onnx(unet, staging / ONNX_FILE, dtype=dtype, exporter=exporter,
+                        residuals=residuals)
 
     with phase("verifying cache"):
         found = cache.find(key_of(fields), fields)

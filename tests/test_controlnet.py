@@ -53,8 +53,9 @@ def theirs(pipe, nets, images, steps=5, **kw):
 
 
 def ours(eng, images, steps=5, **kw):
-    return eng.run(PROMPT, negative_prompt=NEGATIVE, control_image=images[0] if len(images) == 1
-                   else images, num_inference_steps=steps, guidance_scale=7.5, guidance_rescale=0.0,
+    if images:
+        kw["control_image"] = images[0] if len(images) == 1 else images
+    return eng.run(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5, guidance_rescale=0.0,
                    height=SIZE, width=SIZE, output_type="latent",
                    generator=torch.Generator().manual_seed(0), **kw).images
 
@@ -411,3 +412,46 @@ def test_generate_takes_controlnet_folders_and_control_images(parts, tmp_path, c
                  "--steps", "5", "--height", "32", "--width", "32", "-o", str(out)]) == 2
     assert "control image 0 is 16x16 (height x width); expected the output's 32x32" in \
         capsys.readouterr().err
+
+
+def test_onnxruntime_runs_exported_controlnets_beside_a_unet_with_residual_inputs(parts, tmp_path):
+    """backend='onnxruntime': each ControlNet is exported to its own graph and the UNet with
+    residual inputs (zeros for a request without control); the images equal the torch backend's,
+    with one and two ControlNets, a window and guess mode, and in the step scheduler, whose
+    calls on this backend go one timestep at a time."""
+    pytest.importorskip("onnxruntime", reason="the onnxruntime backend needs onnxruntime")
+    from lumen.serve.batcher import Batcher
+    from lumen.serve.jobs import Job
+
+    pipe, nets, images = parts
+    ort = engine.build(pipe, scheduler=pipe.scheduler, device="cpu", backend="onnxruntime",
+                       controlnet=nets, backend_options={"cache_dir": tmp_path})
+    ref = engine.build(pipe, scheduler=pipe.scheduler, device="cpu", controlnet=nets)
+    assert type(ort.control_runners[0]).__name__ == "OrtControlNet"
+    cases = [dict(control_image=[images[0], None]), dict(control_image=images,
+             control_guidance_start=[0.0, 0.4], controlnet_conditioning_scale=[0.7, 1.2]),
+             dict(control_image=images, guess_mode=True), {}]
+    for kw in cases:
+        torch.testing.assert_close(ours(ort, [], **kw) if "control_image" in kw else
+                                   ours_plain(ort), ours(ref, [], **kw) if "control_image" in kw
+                                   else ours_plain(ref), rtol=1e-4, atol=1e-4)
+    requests = [dict(control_image=images, num_inference_steps=5),
+                dict(control_image=[None, images[1]], num_inference_steps=3, guess_mode=True)]
+    jobs = [Job.prepared(ort.prepare(PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE,
+                                     generator=torch.Generator().manual_seed(i), **kw))
+            for i, kw in enumerate(requests)]
+    batcher = Batcher(ort, max_batch=4, batch_wait_ms=300, output_type="latent")
+    try:
+        results = [f.result(timeout=120) for f in [batcher.submit(j) for j in jobs]]
+    finally:
+        batcher.stop()
+    for i, (kw, got) in enumerate(zip(requests, results)):
+        want = ref.run(PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE,
+                       generator=torch.Generator().manual_seed(i), output_type="latent", **kw).images
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def ours_plain(eng):
+    return eng.run(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=5, guidance_scale=7.5,
+                   guidance_rescale=0.0, height=SIZE, width=SIZE, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
