@@ -134,7 +134,9 @@ BAD = [  # (endpoint, body or raw bytes, the field the error must name)
     ("openai", {**GOOD_OPENAI, "model": "/etc/passwd"}, "model"),
     ("a1111", {**GOOD_A1111, "enable_hr": True}, "enable_hr"),
     ("a1111", {**GOOD_A1111, "restore_faces": True}, "restore_faces"),
-    ("a1111", {**GOOD_A1111, "alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts"),
+    ("a1111", {**GOOD_A1111, "alwayson_scripts": {"adetailer": {"args": []}}}, "alwayson_scripts"),
+    ("a1111", {**GOOD_A1111, "alwayson_scripts": {"controlnet": {"args": [{"model": "canny"}]}}},
+     "alwayson_scripts.controlnet.args[0].model"),  # this server loaded no ControlNet
     ("a1111", {**GOOD_A1111, "script_name": "x/y/z plot"}, "script_name"),
     ("a1111", {**GOOD_A1111, "sampler_name": "PLMS"}, "sampler_name"),
     ("a1111", {**GOOD_A1111, "scheduler": "Exponential"}, "scheduler"),
