@@ -66,8 +66,8 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
     runner = unet_runner(components.unet, backend, device, dtype,
                          {**options, "residuals": True} if control else options, compile_mode,
                          components.loras)
-    control_runners = None
-    if control:  # exported ControlNets beside the exported UNet
+    control_runners = None  # TensorRT: the ControlNet modules run in torch beside the UNet engine
+    if control and backend == "onnxruntime":  # exported ControlNets beside the exported UNet
         from lumen.export.controlnet_export import load_controlnet_runner
 
         keep = {k: v for k, v in options.items() if k in ("cache_dir", "provider")}

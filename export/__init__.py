@@ -52,7 +52,7 @@ def build(unet: torch.nn.Module, backend: str, *, device: str | torch.device, dt
     """Export (and for TensorRT build) through the cache; returns the artifact to load.
 
     loras: provenance (file sha256, scale) of LoRAs fused into unet, recorded in the key.
-    residuals: the UNet graph also takes ControlNet residuals (onnxruntime only so far).
+    residuals: the UNet graph (and the TensorRT engine) also takes ControlNet residuals.
     """
     check_choice("backend", backend, BACKENDS)
     check_choice("exporter", exporter, EXPORTERS)
@@ -61,11 +61,6 @@ def build(unet: torch.nn.Module, backend: str, *, device: str | torch.device, dt
         from .trt_backend import check_available
 
         check_available(device)  # before minutes of export
-    if residuals and backend == "tensorrt":
-        from lumen.engine.errors import InvalidInputError
-
-        raise InvalidInputError("ControlNet with backend='tensorrt': its engine with residual "
-                                "inputs is not built yet; expected backend='onnxruntime' or 'torch'")
     signature = UNetSignature.of(unet.config, residuals)
     profile = default_profile(unet, min_shape, opt_shape, max_shape)
     cache = ArtifactCache(cache_dir)

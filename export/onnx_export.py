@@ -78,6 +78,21 @@ class UNetSignature:
         return ("sample", "timestep", "encoder_hidden_states") + self.added_names + \
             self.residual_names
 
+    def residual_feeds(self, sample: torch.Tensor, down, mid) -> dict[str, torch.Tensor]:
+        """The graph's ControlNet residual inputs: the given ones, or zeros when a request has
+        no control; a graph exported without them refuses them."""
+        if not self.residuals:
+            if down is not None or mid is not None:
+                raise InvalidInputError("ControlNet residuals for a UNet exported without "
+                                        "residual inputs; build the engine with its controlnet")
+            return {}
+        if down is None:
+            return self.residual_zeros(sample)
+        if len(down) + 1 != len(self.residuals):
+            raise InvalidInputError(f"{len(down)} down residuals; this UNet takes "
+                                    f"{len(self.residuals) - 1}")
+        return dict(zip(self.residual_names, [*down, mid]))
+
     def residual_zeros(self, sample: torch.Tensor) -> dict[str, torch.Tensor]:
         """Zero residuals for sample [B, C, H, W] (a request without control)."""
         B, _, H, W = sample.shape

@@ -63,22 +63,6 @@ def check_dtype(dtype: torch.dtype) -> None:
             f"use float16 or float32, or backend 'tensorrt' or 'torch'")
 
 
-def residual_feeds(sig, sample: torch.Tensor, down, mid) -> dict[str, torch.Tensor]:
-    """The graph's ControlNet residual inputs: the given ones, or zeros when a request has no
-    control; a graph exported without them refuses them."""
-    if not sig.residuals:
-        if down is not None or mid is not None:
-            raise InvalidInputError("ControlNet residuals for a UNet exported without residual "
-                                    "inputs; build the engine with its controlnet")
-        return {}
-    if down is None:
-        return sig.residual_zeros(sample)
-    if len(down) + 1 != len(sig.residuals):
-        raise InvalidInputError(f"{len(down)} down residuals; this UNet takes "
-                                f"{len(sig.residuals) - 1}")
-    return dict(zip(sig.residual_names, [*down, mid]))
-
-
 class OrtRunner:
     """One InferenceSession; host round trip on CPU, zero-copy IOBinding on CUDA."""
 
@@ -96,7 +80,7 @@ class OrtRunner:
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor,
                  encoder_hidden_states: torch.Tensor, down=None, mid=None,
                  **added: torch.Tensor) -> torch.Tensor:
-        added = {**added, **residual_feeds(self.signature, sample, down, mid)}
+        added = {**added, **self.signature.residual_feeds(sample, down, mid)}
         self.signature.check_call(sample, encoder_hidden_states, added, self.dtype)
         feeds = {"sample": sample, "timestep": timestep.to(torch.float32),
                  "encoder_hidden_states": encoder_hidden_states, **added}

@@ -98,6 +98,8 @@ class Profile:
             if sig.text_embeds_dim is not None and sig.time_ids_dim is not None:
                 shapes["text_embeds"] = (batch, sig.text_embeds_dim)
                 shapes["time_ids"] = (batch, sig.time_ids_dim)
+            for name, (c, f) in zip(sig.residual_names, sig.residuals):  # ControlNet's
+                shapes[name] = (batch, c, height // f, width // f)
             return shapes
 
         levels = [per_input(s, q) for s, q in zip((self.min, self.opt, self.max), self.seq)]
@@ -240,7 +242,9 @@ class TrtRunner:
             raise EngineBuildError(f"engine {plan_path} has tensors {names}; expected {OUTPUT!r}")
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor,
-                 encoder_hidden_states: torch.Tensor, **added: torch.Tensor) -> torch.Tensor:
+                 encoder_hidden_states: torch.Tensor, down=None, mid=None,
+                 **added: torch.Tensor) -> torch.Tensor:
+        added = {**added, **self.signature.residual_feeds(sample, down, mid)}
         feeds = self.feeds(sample, timestep, encoder_hidden_states, added)
         # Contiguous copies must outlive the enqueue; torch's allocator orders their reuse on
         # this same stream, so dropping them after the call is safe.
@@ -303,7 +307,9 @@ class GraphTrtRunner:
         self.out: torch.Tensor | None = None
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor,
-                 encoder_hidden_states: torch.Tensor, **added: torch.Tensor) -> torch.Tensor:
+                 encoder_hidden_states: torch.Tensor, down=None, mid=None,
+                 **added: torch.Tensor) -> torch.Tensor:
+        added = {**added, **self.parent.signature.residual_feeds(sample, down, mid)}
         feeds = self.parent.feeds(sample, timestep, encoder_hidden_states, added)
         if self.out is None:  # first call: the warm-up outside capture
             self.buffers = {name: t.contiguous().clone() for name, t in feeds.items()}

@@ -361,3 +361,29 @@ def test_runner_output_has_the_unets_out_channels():
     sig = UNetSignature.of(type("C", (), dict(in_channels=9, out_channels=4, cross_attention_dim=32,
                                               block_out_channels=(32, 64), addition_embed_type=None))())
     assert tuple(sig.output_like(torch.zeros(2, 9, 8, 6)).shape) == (2, 4, 8, 6)
+
+
+def test_residual_inputs_have_the_shapes_a_controlnet_gives():
+    """UNetSignature(residuals=True): one input per ControlNet output, shaped as a real
+    ControlNetModel's outputs; the TensorRT profile gives each its min/opt/max."""
+    from diffusers import ControlNetModel
+
+    from lumen.export.onnx_export import UNetSignature
+
+    unet = tiny_unet(SDXL_LIKE)
+    sig = UNetSignature.of(unet.config, residuals=True)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8,)).eval()
+    sample = torch.randn(2, 4, 16, 24)
+    with torch.no_grad():
+        down, mid = net(sample, torch.tensor(10.0), encoder_hidden_states=torch.randn(2, 7, 32),
+                        controlnet_cond=torch.rand(2, 3, 16, 24), return_dict=False,
+                        added_cond_kwargs={"text_embeds": torch.randn(2, 16),
+                                           "time_ids": torch.randn(2, 6)})
+    zeros = sig.residual_zeros(sample)
+    assert list(zeros) == [f"down_{i}" for i in range(len(down))] + ["mid"]
+    assert [tuple(t.shape) for t in zeros.values()] == [tuple(t.shape) for t in [*down, mid]]
+    shapes = Profile((1, 8, 8), (2, 16, 16), (4, 32, 24)).input_shapes(sig)
+    assert shapes["mid"] == ((1, 32, 4, 4), (2, 32, 8, 8), (4, 32, 16, 12))
+    assert shapes["down_0"] == ((1, 32, 8, 8), (2, 32, 16, 16), (4, 32, 32, 24))
+    with pytest.raises(InvalidInputError, match="exported without residual inputs"):
+        UNetSignature.of(unet.config).residual_feeds(sample, list(down), mid)
