@@ -3,13 +3,13 @@ the GPU check, serving load."""
 
 
 def add_parsers(subparsers) -> None:
-    from . import adherence, brightness, deepcache, gpu_check, inpaint, report, serve_load
+    from . import adherence, brightness, controlnet, deepcache, gpu_check, inpaint, report, serve_load
 
     bench = subparsers.add_parser(
         "bench", help="cumulative ablations of the sampling loop, or a study",
         description="Cumulative ablations of one request's sampling loop (see "
                     "benchmarks/ablation.py), `lumen bench brightness`, `lumen bench adherence`, "
-                    "`lumen bench inpaint`, `lumen bench deepcache`, `lumen bench gpu` or `lumen bench serve`.")
+                    "`lumen bench inpaint`, `lumen bench controlnet`, `lumen bench deepcache`, `lumen bench gpu` or `lumen bench serve`.")
     report.add_arguments(bench)
     bench.set_defaults(func=report.run)
     which = bench.add_subparsers(dest="bench", required=False)
@@ -24,6 +24,10 @@ def add_parsers(subparsers) -> None:
                                          "scored by the scene analyzer")
     inpaint.add_arguments(p)
     p.set_defaults(func=inpaint.run)
+    p = which.add_parser("controlnet", help="the built-in ControlNet: is the shape where the "
+                                            "control mask says")
+    controlnet.add_arguments(p)
+    p.set_defaults(func=controlnet.run)
     p = which.add_parser("deepcache", help="DeepCache's quality (adherence, brightness, PSNR) "
                                            "and the step scheduler's split, against interval 1")
     deepcache.add_arguments(p)

@@ -9,7 +9,8 @@ scored against its prompt exactly (the adherence benchmark):
 - colour: the nearest `scenes.COLORS` entry to the median of the largest component's core;
 - kind: the largest component's soft coverage (alpha), its fill of the bounding box and the
   share of it in the box's upper half, matched to the renderer's circle, square and upward
-  triangle (fill pi/4, 1, 1/2; upper share 1/2, 1/2, 1/4).
+  triangle (fill pi/4, 1, 1/2; upper share 1/2, 1/2, 1/4);
+- location: the largest component's centroid (x, y) in the renderer's pixel coordinates.
 """
 import math
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ class Reading:
     count: int  # shapes of at least MIN_AREA pixels
     color: str | None  # of the largest shape; None when there is none
     kind: str | None
+    x: float | None = None  # the largest shape's centroid in pixels (the renderer's coordinates)
+    y: float | None = None
 
 
 def components(mask: torch.Tensor) -> torch.Tensor:
@@ -87,7 +90,9 @@ def read_one(image: torch.Tensor, labels: torch.Tensor, background: torch.Tensor
     axis = color - background
     alpha = ((image - background.view(3, 1, 1)) * axis.view(3, 1, 1)).sum(0) / axis.dot(axis)
     alpha = alpha.clamp(0, 1) * near
-    return Reading(level, int(keep.sum()), nearest_color(color), shape_kind(alpha))
+    ys, xs = largest.nonzero(as_tuple=True)
+    return Reading(level, int(keep.sum()), nearest_color(color), shape_kind(alpha),
+                   float(xs.float().mean()) + 0.5, float(ys.float().mean()) + 0.5)
 
 
 def read_scenes(images: torch.Tensor) -> list[Reading]:
@@ -114,6 +119,23 @@ def score(reading: Reading, scene: scenes.Scene) -> dict[str, bool]:
             "color": reading.color == scene.color,
             "kind": reading.kind == scene.shape,
             "one shape": reading.count == (0 if scene.shape is None else 1)}
+
+
+def inside(reading: Reading, mask: torch.Tensor) -> bool:
+    """Whether the reading's shape centroid lies on a mask [H, W] (coverage >= 0.5)."""
+    if reading.x is None:
+        return False
+    col, row = int(reading.x), int(reading.y)  # pixel i spans [i, i + 1)
+    return bool(mask[min(row, mask.shape[0] - 1), min(col, mask.shape[1] - 1)] >= 0.5)
+
+
+def validate_location(n: int = 1000, seed: int = 0) -> float:
+    """Share of n rendered shape scenes whose read centroid lies on the shape's own mask."""
+    g = torch.Generator().manual_seed(seed)
+    drawn = [s for s in scenes.sample_scenes(2 * n, g) if s.shape is not None][:n]
+    images, masks = scenes.render(drawn, g, masks=True)
+    readings = read_scenes((images + 1) / 2)
+    return sum(inside(r, m[0]) for r, m in zip(readings, masks)) / len(drawn)
 
 
 def validate(n: int = 1000, seed: int = 0) -> dict[str, float]:

@@ -38,7 +38,8 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--cache-branch-id", type=int, default=0,
                    help="DeepCache's branch: block = id // 3, layer = id %% 3")
     p.add_argument("--controlnet", nargs="+", default=None, metavar="FOLDER",
-                   help="local ControlNet folders (a model folder with a controlnet/ brings its own)")
+                   help="local ControlNet folders (a model folder with a controlnet/ brings its "
+                        "own; the built-in default model's is used with --control-image)")
     p.add_argument("--control-image", nargs="+", default=None, metavar="CONTROL.png",
                    help="one control image per ControlNet, at the output size")
     p.add_argument("--control-scale", type=float, nargs="+", default=[1.0],
@@ -65,7 +66,8 @@ def run_generate(args) -> int:
     from .runtime import build
 
     start = time.perf_counter()
-    eng = build(args.model, device=args.device, lora=args.lora, controlnet=args.controlnet)
+    eng = build(args.model, device=args.device, lora=args.lora,
+                controlnet=args.controlnet or builtin_controlnet(args.model, args.control_image))
     changes = {k: v for k, v in (("sampler", args.sampler), ("timestep_spacing", args.spacing)) if v}
     if changes:
         eng.config = eng.config.replace(**changes)
@@ -110,6 +112,16 @@ def read_image(path: str, option: str = "--image"):
             return image.convert("RGB")
     except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError) as err:
         raise InvalidInputError(f"{option} {path!r}: {err}; expected an image file") from err
+
+
+def builtin_controlnet(model: str, control_image):
+    """A built-in model's own ControlNet, when a control image is given without --controlnet."""
+    from . import builtin
+
+    if not control_image or model not in builtin.MODEL_NAMES:
+        return None
+    folder = builtin.model_dir(model) / "controlnet"
+    return folder if (folder / "config.json").is_file() else None
 
 
 def _one(values: list):

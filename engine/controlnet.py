@@ -18,7 +18,8 @@ from .errors import InvalidInputError, InvalidTypeError
 
 def load(controlnet) -> tuple:
     """The ControlNets of build(controlnet=...): a ControlNetModel, a local folder holding one,
-    a MultiControlNetModel, or a list of those; None gives none."""
+    a built-in model's name (its own ControlNet: "default"), a MultiControlNetModel, or a list
+    of those; None gives none."""
     if controlnet is None:
         return ()
     from diffusers import ControlNetModel
@@ -44,8 +45,14 @@ def load(controlnet) -> tuple:
 def _folder(path: Path):
     from diffusers import ControlNetModel
 
+    from . import builtin
     from .models import _load
 
+    if str(path) in builtin.MODEL_NAMES and not path.is_dir():
+        path = builtin.model_dir(str(path)) / "controlnet"
+        if not (path / "config.json").is_file():
+            raise InvalidInputError(f"controlnet={path.parent.name!r}: that built-in model ships "
+                                    "no ControlNet; expected 'default' or a local folder")
     if not path.is_dir():
         raise InvalidInputError(f"controlnet={str(path)!r} is not an existing local folder; "
                                 "Lumen never downloads weights")

@@ -455,3 +455,48 @@ def ours_plain(eng):
     return eng.run(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=5, guidance_scale=7.5,
                    guidance_rescale=0.0, height=SIZE, width=SIZE, output_type="latent",
                    generator=torch.Generator().manual_seed(0)).images
+
+
+def test_the_built_in_controlnet_puts_the_shape_where_the_mask_says(tmp_path, capsys):
+    """The default model's own ControlNet (lumen.build("default", controlnet="default")): with a
+    shape mask as the control image, the drawn shape's centroid lies on the mask; `lumen
+    generate --control-image` on the built-in model uses it without --controlnet."""
+    from PIL import Image
+
+    from lumen.benchmarks import scene_analyzer
+    from lumen.benchmarks.controlnet import control_for
+    from lumen.cli import main
+    from lumen.engine.builtin.train_controlnet import control_images
+
+    prompt = "a red circle on a solid black background"
+    eng = engine.build("default", controlnet="default")
+    masks = control_for(prompt, 8, 123)
+    images = eng.run(prompt, num_images_per_prompt=8, num_inference_steps=10, control_image=
+                     control_images(masks), generator=[torch.Generator().manual_seed(i)
+                                                       for i in range(8)], output_type="pt").images
+    readings = scene_analyzer.read_scenes(images)
+    hits = [scene_analyzer.inside(r, m[0]) for r, m in zip(readings, masks)]
+    assert sum(hits) >= 7, [(r.x, r.y) for r in readings]
+    mask = (masks[0, 0].numpy() * 255).round().astype("uint8")
+    Image.fromarray(mask).convert("RGB").save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    assert main(["generate", prompt, "--control-image", str(tmp_path / "mask.png"), "--steps", "10",
+                 "-o", str(out)]) == 0
+    drawn = torch.from_numpy(__import__("numpy").asarray(Image.open(out).convert("RGB"))).permute(2, 0, 1)
+    (reading,) = scene_analyzer.read_scenes(drawn[None].float() / 255)
+    assert scene_analyzer.inside(reading, masks[0, 0]) and reading.kind == "circle"
+    with pytest.raises(engine.InvalidInputError, match="'flawed': that built-in model ships no ControlNet"):
+        engine.build("default", controlnet="flawed")
+
+
+def test_the_controlnet_study_runs_small(tmp_path):
+    import json
+
+    from lumen.cli import main
+
+    assert main(["bench", "controlnet", "--n", "1", "--steps", "4", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "controlnet.json").read_text())
+    assert data["analyzer_location"] == 1.0 and len(data["results"]) == 12
+    for run in ("controlled", "plain"):
+        assert 0 <= data["overall"][run]["location"] <= 1
+    assert (tmp_path / "controlnet.png").stat().st_size > 0

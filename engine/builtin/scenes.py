@@ -113,8 +113,11 @@ def _shape_masks(shape_ids: torch.Tensor, cx, cy, r, size: int) -> torch.Tensor:
     return (0.5 - chosen).clamp(0, 1)
 
 
-def render(scenes: list[Scene], generator: torch.Generator, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """Images [B, 3, size, size] in [-1, 1], one per scene, drawn with `generator`."""
+def render(scenes: list[Scene], generator: torch.Generator, size: int = IMAGE_SIZE,
+           masks: bool = False):
+    """Images [B, 3, size, size] in [-1, 1], one per scene, drawn with `generator`; with
+    masks=True also each shape's coverage [B, 1, size, size] in [0, 1] (zero without a shape),
+    from the same draws."""
     B = len(scenes)
     u = torch.rand(B, 6, generator=generator)  # background pick, level, radius, cx, cy, jitter
     levels = torch.empty(B)
@@ -133,7 +136,7 @@ def render(scenes: list[Scene], generator: torch.Generator, size: int = IMAGE_SI
     jitter = (u[:, 5:6] - 0.5) * 0.1 * ~torch.tensor([s.color in ("black", "white") for s in scenes]).view(-1, 1)
     color = (color + jitter).clamp(0, 1).view(B, 3, 1, 1)
     img = levels.view(B, 1, 1, 1) * (1 - mask) + color * mask
-    return img * 2 - 1
+    return (img * 2 - 1, mask) if masks else img * 2 - 1
 
 
 def sample_scenes(n: int, generator: torch.Generator) -> list[Scene]:

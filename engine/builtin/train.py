@@ -155,7 +155,8 @@ def render_bank(caption: str, n: int, g: torch.Generator, size: int) -> torch.Te
 def diffusion_loss(encoder, unet, x0: torch.Tensor, captions: list[str], abar: torch.Tensor,
                    prediction_type: str, g: torch.Generator, caption_dropout: float,
                    min_snr_gamma: float | None = None, snr_floor: float = 0.0,
-                   exact: ExactTargets | None = None) -> torch.Tensor:
+                   exact: ExactTargets | None = None, controlnet=None,
+                   control: torch.Tensor | None = None) -> torch.Tensor:
     """MSE of the model output against v = a*eps - s*x0 (or eps), t uniform in [0, T-1].
 
     x0: [B, 3, H, W]; abar: [T] float32; captions are replaced by "" with prob caption_dropout.
@@ -163,6 +164,8 @@ def diffusion_loss(encoder, unet, x0: torch.Tensor, captions: list[str], abar: t
     (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"), and at
     least snr_floor times: clamp(SNR, snr_floor, gamma).
     exact: fit the samples below exact.below_snr to the exact posterior mean (ExactTargets).
+    controlnet, control: a ControlNet and its control images [B, 3, H, W]; its residuals enter
+    the UNet as in diffusers' ControlNet pipelines.
     """
     B = x0.shape[0]
     captions = drop_captions(captions, g, caption_dropout)
@@ -179,7 +182,13 @@ def diffusion_loss(encoder, unet, x0: torch.Tensor, captions: list[str], abar: t
     if prediction_type not in targets:
         raise InvalidInputError(f"prediction_type={prediction_type!r}; expected one of {sorted(targets)}")
     target = targets[prediction_type]()
-    out = unet(x_t, t, encoder_hidden_states=encoder.encode(captions)).sample
+    context = encoder.encode(captions)
+    residuals = {}
+    if controlnet is not None:
+        down, mid = controlnet(x_t, t, encoder_hidden_states=context, controlnet_cond=control,
+                               return_dict=False)
+        residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    out = unet(x_t, t, encoder_hidden_states=context, **residuals).sample
     per_sample = (out - target).pow(2).mean(dim=(1, 2, 3))  # [B]
     if min_snr_gamma is not None:
         per_sample = per_sample * min_snr_weight(abar[t], prediction_type, min_snr_gamma, snr_floor)
