@@ -58,11 +58,6 @@ def start_flags(args) -> dict:
 
 
 def run_serve(args) -> int:
-    if args.ray and args.controlnet:
-        from lumen.engine.errors import InvalidInputError
-
-        raise InvalidInputError("--controlnet with --ray: Ray Serve replicas load no ControlNets "
-                                "yet; expected lumen serve without --ray for ControlNet")
     if args.ray:
         return run_ray(args)
     from lumen.engine.errors import InvalidInputError
@@ -113,7 +108,7 @@ def run_ray(args) -> int:
         serve.start(http_options={"host": args.host, "port": args.port})
         deployment = LumenDeployment.options(**options).bind(
             model=args.model, backend=args.backend, device=args.device, threads=threads,
-            limits=dataclasses.asdict(limits), lora=args.lora)
+            limits=dataclasses.asdict(limits), lora=args.lora, controlnet=args.controlnet)
         serve.run(deployment, name=APP_NAME, route_prefix="/")  # returns once replicas are up
         scale = f"{autoscale[0]}-{autoscale[1]}" if autoscale else str(replicas)
         print(f"lumen serve --ray: {model_label(args.model)}, {scale} replica(s) "

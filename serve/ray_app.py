@@ -29,7 +29,8 @@ from .app import Limits, create_app, model_label
 APP_NAME = "lumen"
 REPLICA_HEADER = "X-Lumen-Replica"
 # build_app's arguments besides Limits' fields (serve run KEY=VALUE, or the YAML's args).
-BUILD_ARGS = ("model", "backend", "device", "replicas", "autoscale", "cpus", "threads", "lora")
+BUILD_ARGS = ("model", "backend", "device", "replicas", "autoscale", "cpus", "threads", "lora",
+              "controlnet")
 
 
 class ReplicaHeaderMiddleware:
@@ -55,17 +56,20 @@ class LumenDeployment:
     """One replica: one engine, and serve/app.py's app (with its batcher) over it."""
 
     def __init__(self, model: str = "default", backend: str = "torch", device: str | None = None,
-                 threads: int | None = None, limits: dict | None = None, lora: list | None = None):
+                 threads: int | None = None, limits: dict | None = None, lora: list | None = None,
+                 controlnet: list | None = None):
         if threads is not None:
             torch.set_num_threads(threads)  # a CPU replica's share of the host's cores
         self.limits = Limits(**(limits or {}))
         self.model_name, self.lora = model_label(model), lora
         self.flags = {"backend": backend, "device": device, "ray": True}
-        self.engine = engine.build(model, backend=backend, device=device, lora=lora)
+        self.engine = engine.build(model, backend=backend, device=device, lora=lora,
+                                   controlnet=controlnet or None)
+        self.controlnet_names = [model_label(str(c)) for c in controlnet] if controlnet else None
 
     def __serve_build_asgi_app__(self):
         app = create_app(self.engine, model_name=self.model_name, lora=self.lora, flags=self.flags,
-                         **dataclasses.asdict(self.limits))
+                         controlnet_names=self.controlnet_names, **dataclasses.asdict(self.limits))
         app.add_middleware(ReplicaHeaderMiddleware, replica=serve.get_replica_context().replica_tag)
         return app  # Serve's wrapper keeps it as self.app
 
@@ -150,7 +154,15 @@ def build_app(args: dict) -> "serve.Application":
     threads = int(threads) if threads is not None else (None if gpus else cpu_threads(options))
     return LumenDeployment.options(**options).bind(
         model=args.get("model", "default"), backend=args.get("backend", "torch"), device=device,
-        threads=threads, limits=dataclasses.asdict(limits), lora=lora_args(args.get("lora")))
+        threads=threads, limits=dataclasses.asdict(limits), lora=lora_args(args.get("lora")),
+        controlnet=controlnet_args(args.get("controlnet")))
+
+
+def controlnet_args(value) -> list | None:
+    """serve run's controlnet=FOLDER,... string, or YAML's list of folders."""
+    if isinstance(value, str):
+        return [part for part in value.split(",") if part] or None
+    return value
 
 
 def lora_args(value):

@@ -2,6 +2,7 @@
 import base64
 import concurrent.futures
 import io
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
 import pytest
 import torch
 import yaml
@@ -105,7 +107,8 @@ def single():
     """The single-process server, computing with one torch thread like each replica."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    srv = RunningServer(engine.build("default"), **LIMITS)
+    srv = RunningServer(engine.build("default", controlnet="default"), controlnet_names=["default"],
+                        **LIMITS)
     yield srv
     srv.stop()
     torch.set_num_threads(threads)
@@ -120,7 +123,8 @@ def url():
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         options = deployment_options(Limits(**LIMITS), replicas=REPLICAS, cpus=0.5)
-        serve.run(LumenDeployment.options(**options).bind(model="default", threads=1, limits=LIMITS),
+        serve.run(LumenDeployment.options(**options).bind(model="default", threads=1, limits=LIMITS,
+                                                          controlnet=["default"]),
                   name=APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
         serve.shutdown()
@@ -169,6 +173,26 @@ def test_img2img_on_the_replicas_gives_the_single_servers_image(single, client):
     assert want.status_code == got.status_code == 200, got.text
     assert np.array_equal(pixels(got.json()["images"][0]), pixels(want.json()["images"][0]))
     assert got.headers[REPLICA_HEADER]
+
+
+def test_a_controlnet_unit_on_the_replicas_gives_the_single_servers_image(single, client):
+    """Each replica loads the built-in ControlNet; an A1111 ControlNet unit naming it draws the
+    single server's image."""
+    mask = PIL.Image.new("RGB", (32, 32))
+    PIL.ImageDraw.Draw(mask).ellipse((4, 6, 16, 18), fill=(255, 255, 255))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    unit = {"image": base64.b64encode(buffer.getvalue()).decode(), "model": "default",
+            "module": "none", "weight": 1.0}
+    body = {"prompt": PROMPTS[0], "width": 32, "height": 32, "steps": 4, "seed": 5,
+            "alwayson_scripts": {"controlnet": {"args": [unit]}}}
+    assert client.get("/controlnet/model_list").json()["model_list"][0].startswith("default [")
+    with single.client() as c:
+        want = c.post("/sdapi/v1/txt2img", json=body)
+    got = client.post("/sdapi/v1/txt2img", json=body)
+    assert want.status_code == got.status_code == 200, got.text
+    assert np.array_equal(pixels(got.json()["images"][0]), pixels(want.json()["images"][0]))
+    assert 'ControlNet 0: "Model: default' in json.loads(got.json()["info"])["infotexts"][0]
 
 
 def test_bad_input_gets_the_single_servers_4xx(single, client):
@@ -289,6 +313,12 @@ def test_build_app_reads_serve_run_arguments():
     assert (limits["batching"], limits["preview_every"]) == ("request", 2)
     with pytest.raises(InvalidInputError, match="batching='whole'; expected one of step, request"):
         build_app({"batching": "whole"})
+
+
+def test_build_app_passes_controlnets_to_each_replica():
+    kwargs = build_app({"model": "default", "controlnet": "default,/models/edges"})._bound_deployment.init_kwargs
+    assert kwargs["controlnet"] == ["default", "/models/edges"]
+    assert build_app({"model": "default"})._bound_deployment.init_kwargs["controlnet"] is None
 
 
 @pytest.mark.parametrize("lora, expected", [
