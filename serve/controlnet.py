@@ -153,23 +153,22 @@ def number(unit: dict, name: str, default: float, param: str) -> float:
     return float(value)
 
 
+def labelled(value, labels: tuple, served: dict, param: str, field: str, indices: str):
+    """A unit's labelled choice (a label, or its index in labels) as served[label]."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(labels):
+        value = labels[value]
+    if value not in served:
+        raise InvalidRequest(f"{param}.{field}", f"{param}.{field}={value!r}; expected one of "
+                                                 f"{', '.join(served)} (or {indices})")
+    return served[value]
+
+
 def resize_mode(value, param: str) -> str:
-    names = list(RESIZE_MODES)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
-        value = names[value]
-    if value not in RESIZE_MODES:
-        raise InvalidRequest(f"{param}.resize_mode", f"{param}.resize_mode={value!r}; expected "
-                                                     f"one of {', '.join(names)} (or 0-2)")
-    return RESIZE_MODES[value]
+    return labelled(value, tuple(RESIZE_MODES), RESIZE_MODES, param, "resize_mode", "0-2")
 
 
 def control_mode(value, param: str) -> bool:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(CONTROL_MODES):
-        value = CONTROL_MODES[value]
-    if value not in SERVED_MODES:
-        raise InvalidRequest(f"{param}.control_mode", f"{param}.control_mode={value!r}; expected "
-                                                      f"one of {', '.join(SERVED_MODES)} (or 0, 2)")
-    return SERVED_MODES[value]
+    return labelled(value, CONTROL_MODES, SERVED_MODES, param, "control_mode", "0, 2")
 
 
 def resize(image: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
