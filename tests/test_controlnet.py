@@ -482,7 +482,7 @@ def test_the_built_in_controlnet_puts_the_shape_where_the_mask_says(tmp_path, ca
     out = tmp_path / "out.png"
     assert main(["generate", prompt, "--control-image", str(tmp_path / "mask.png"), "--steps", "10",
                  "-o", str(out)]) == 0
-    drawn = torch.from_numpy(__import__("numpy").asarray(Image.open(out).convert("RGB"))).permute(2, 0, 1)
+    drawn = torch.from_numpy(__import__("numpy").array(Image.open(out).convert("RGB"))).permute(2, 0, 1)
     (reading,) = scene_analyzer.read_scenes(drawn[None].float() / 255)
     assert scene_analyzer.inside(reading, masks[0, 0]) and reading.kind == "circle"
     with pytest.raises(engine.InvalidInputError, match="'flawed': that built-in model ships no ControlNet"):
