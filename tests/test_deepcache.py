@@ -94,7 +94,11 @@ def test_compiled_unet_runs_the_cached_loop(pipe):
     assert cached.module is not cached.unet  # the clone ran compiled
     assert cached.unet.down_blocks[0] is not pipe.unet.down_blocks[0]  # a clone ...
     assert cached.unet.conv_in.weight is pipe.unet.conv_in.weight  # ... sharing the weights
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
     torch.testing.assert_close(ours(compiled, 3, 1, steps=6), got, rtol=0, atol=0)  # no drift
+    assert counters["stats"]["unique_graphs"] == graphs  # the second run compiled nothing
 
 
 def test_generate_and_bench_take_deepcache(tmp_path, capsys):
