@@ -91,10 +91,12 @@ def figure(samples: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     prompts = list(samples)[:6]
-    fig, axes = plt.subplots(2 * len(prompts), 3, figsize=(4.5, 3 * len(prompts)))
+    cols = min(3, len(samples[prompts[0]][0]))
+    fig, axes = plt.subplots(2 * len(prompts), cols, figsize=(1.5 * cols, 3 * len(prompts)),
+                             squeeze=False)
     for row, prompt in enumerate(prompts):
         masks, images = samples[prompt]
-        for col in range(3):
+        for col in range(cols):
             axes[2 * row, col].imshow(masks[col, 0], cmap="gray", vmin=0, vmax=1)
             axes[2 * row + 1, col].imshow(images[col].permute(1, 2, 0).clamp(0, 1))
         axes[2 * row, 0].set_title(prompt, fontsize=6, loc="left")
