@@ -186,9 +186,10 @@ def test_the_wheel_holds_every_module_weight_and_data_file(wheel):
                 for f in tracked_files(*PACKAGES, "lumen") if not f.startswith(NOT_INSTALLED)}
     assert expected - names == set(), "missing from the wheel"
     weights = [n for n in expected if "/builtin/weights/" in n]
-    assert len([n for n in weights if n.endswith(".safetensors")]) == 5
+    assert len([n for n in weights if n.endswith(".safetensors")]) == 6
     assert {"lumen/serve/serve_config.yaml", "lumen/engine/builtin/weights/default/unet/"
-            "diffusion_pytorch_model.safetensors"} <= names
+            "diffusion_pytorch_model.safetensors", "lumen/engine/builtin/weights/default/"
+            "controlnet/diffusion_pytorch_model.safetensors"} <= names
     stray = {n for n in names if n.startswith("lumen/") and n not in expected}
     assert stray == set(), "files in the wheel that the repository does not track"
 
