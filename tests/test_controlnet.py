@@ -515,7 +515,11 @@ def test_the_built_in_controlnet_training_runs_and_saves_a_loadable_controlnet(t
     from lumen.engine.builtin import train_controlnet
 
     config = train_controlnet.ControlConfig(steps=2, batch_size=2, tiny=True, warmup=1)
-    net, stats = train_controlnet.train(config, log=lambda m: None)
+    threads = torch.get_num_threads()
+    try:
+        net, stats = train_controlnet.train(config, log=lambda m: None)
+    finally:  # training runs on config.threads (1); the rest of this process keeps its own
+        torch.set_num_threads(threads)
     assert stats["final_loss"] > 0 and stats["final_loss"] == stats["final_loss"]
     assert float(net.controlnet_mid_block.weight.detach().abs().max()) > 0
     train_controlnet.save(net, tmp_path, config, stats)
