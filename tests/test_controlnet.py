@@ -501,7 +501,11 @@ def test_the_controlnet_study_runs_small(tmp_path):
 
     from lumen.cli import main
 
-    assert main(["bench", "controlnet", "--n", "1", "--steps", "4", "--out", str(tmp_path)]) == 0
+    threads = torch.get_num_threads()  # the study sets its own; later tests keep theirs
+    try:
+        assert main(["bench", "controlnet", "--n", "1", "--steps", "4", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     data = json.loads((tmp_path / "controlnet.json").read_text())
     assert data["analyzer_location"] == 1.0 and len(data["results"]) == 12
     for run in ("controlled", "plain"):
