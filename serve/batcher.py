@@ -304,9 +304,13 @@ class Batcher:
     def _jobs(self, running: list[slots.Slot]) -> list[Job]:
         return list(dict.fromkeys(s.owner for s in running))
 
-    def _remove(self, job: Job) -> None:
+    def _remove(self, job: Job) -> list[slots.Slot]:
+        """Takes the job's slots out of the running batch and out of the job: a job that left
+        holds its answer only, not its latents, text rows or DeepCache features."""
         with self._cond:
             self._running = [s for s in self._running if s.owner is not job]
+        parts, job.parts = job.parts, []
+        return parts
 
     def _fail(self, job: Job, err: Exception) -> None:
         self._remove(job)
@@ -314,9 +318,9 @@ class Batcher:
             job.future.set_exception(err)
 
     def _answer(self, job: Job, final: bool) -> None:
-        self._remove(job)
+        parts = self._remove(job)
         try:
-            images = slots.finish(self.engine, job.parts, self.output_type, final)
+            images = slots.finish(self.engine, parts, self.output_type, final)
         except Exception as err:  # noqa: BLE001 - non-finite latents or a VAE failure
             job.future.set_exception(ModelError(f"{type(err).__name__}: {err}"))
             return
