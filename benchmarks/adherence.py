@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lumen.engine.builtin import scenes
+from lumen.engine.builtin import scenes, torch_threads
 from lumen.engine.errors import InvalidInputError
 from lumen.engine.validation import check_choice, check_int, check_real
 
@@ -172,9 +172,9 @@ def check_args(args) -> None:
         prompt_scene(prompt)
 
 
+@torch_threads(2)
 def run(args) -> int:
     check_args(args)
-    torch.set_num_threads(2)
     start = time.perf_counter()
     check = validation()
     print(f"analyzer on {check['scenes']} training scenes: " +

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lumen import engine
-from lumen.engine.builtin import WEIGHTS_DIR
+from lumen.engine.builtin import WEIGHTS_DIR, torch_threads
 from lumen.engine.builtin.scenes import IMAGE_SIZE, caption_brightness
 from lumen.engine.errors import InvalidInputError
 
@@ -200,8 +200,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="benchmarks/results", help="folder for .md, .json, .png")
 
 
+@torch_threads(2)
 def run(args) -> int:
-    torch.set_num_threads(2)
     start = time.perf_counter()
     groups = tuple(dict.fromkeys(args.groups or PROMPTS))
     keys = set(args.setups or [s.key for s in SETUPS])

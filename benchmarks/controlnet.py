@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lumen import engine
-from lumen.engine.builtin import scenes
+from lumen.engine.builtin import scenes, torch_threads
 from lumen.engine.builtin.train_controlnet import CONTROLNET_DIR, control_images
 from lumen.engine.validation import check_int, check_real
 
@@ -115,12 +115,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="benchmarks/results", help="folder for .md, .json, .png")
 
 
+@torch_threads(2)
 def run(args) -> int:
     check_int("n", args.n, 1)
     check_int("steps", args.steps, 1)
     check_real("guidance", args.guidance, 1.0, 100.0)
     check_real("scale", args.scale, 0.0, 10.0)
-    torch.set_num_threads(2)
     start = time.perf_counter()
     data = {"n": args.n, "steps": args.steps, "guidance": args.guidance, "scale": args.scale,
             "analyzer_location": scene_analyzer.validate_location(),

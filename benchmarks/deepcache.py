@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from lumen.engine.builtin import torch_threads
 from lumen.engine.validation import check_int
 
 from . import adherence, brightness
@@ -192,13 +193,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="benchmarks/results", help="folder for deepcache.md, .json")
 
 
+@torch_threads(2)
 def run(args) -> int:
     for name in ("n", "steps", "psnr_steps", "iters", "size"):
         check_int(name, getattr(args, name), 1)
     check_int("mix_rows", args.mix_rows, 2)
     check_int("psnr_steps", args.psnr_steps, max(INTERVALS))  # every interval fits the run
     check_int("steps", args.steps, max(INTERVALS))
-    torch.set_num_threads(2)
     start = time.perf_counter()
     device = (torch.cuda.get_device_name() if torch.cuda.is_available()
               else f"cpu ({torch.get_num_threads()} threads)")

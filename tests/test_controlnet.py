@@ -501,11 +501,9 @@ def test_the_controlnet_study_runs_small(tmp_path):
 
     from lumen.cli import main
 
-    threads = torch.get_num_threads()  # the study sets its own; later tests keep theirs
-    try:
-        assert main(["bench", "controlnet", "--n", "1", "--steps", "4", "--out", str(tmp_path)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    assert main(["bench", "controlnet", "--n", "1", "--steps", "4", "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == threads  # the study ran on its own count, then gave ours back
     data = json.loads((tmp_path / "controlnet.json").read_text())
     assert data["analyzer_location"] == 1.0 and len(data["results"]) == 12
     for run in ("controlled", "plain"):
@@ -520,10 +518,8 @@ def test_the_built_in_controlnet_training_runs_and_saves_a_loadable_controlnet(t
 
     config = train_controlnet.ControlConfig(steps=2, batch_size=2, tiny=True, warmup=1)
     threads = torch.get_num_threads()
-    try:
-        net, stats = train_controlnet.train(config, log=lambda m: None)
-    finally:  # training runs on config.threads (1); the rest of this process keeps its own
-        torch.set_num_threads(threads)
+    net, stats = train_controlnet.train(config, log=lambda m: None)
+    assert torch.get_num_threads() == threads  # training ran on config.threads, then gave ours back
     assert stats["final_loss"] > 0 and stats["final_loss"] == stats["final_loss"]
     assert float(net.controlnet_mid_block.weight.detach().abs().max()) > 0
     train_controlnet.save(net, tmp_path, config, stats)

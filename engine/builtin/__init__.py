@@ -1,5 +1,8 @@
 """The embedded default models: tiny text-to-image models trained on procedural scenes."""
+import contextlib
 import pathlib
+
+import torch
 
 from ..errors import InvalidInputError
 
@@ -12,3 +15,14 @@ def model_dir(name: str) -> pathlib.Path:
     if name not in MODEL_NAMES:
         raise InvalidInputError(f"built-in model {name!r}; expected one of {MODEL_NAMES}")
     return WEIGHTS_DIR / name
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count is n inside (training, the studies), the caller's after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

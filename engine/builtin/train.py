@@ -29,7 +29,7 @@ from diffusers import UNet2DConditionModel
 from ..config import PRESETS, SamplerConfig
 from ..errors import InvalidInputError
 from ..prediction import to_x0_eps
-from . import WEIGHTS_DIR, scenes
+from . import WEIGHTS_DIR, scenes, torch_threads
 from .models import unet_config
 from .text import LumenTextEncoder, WordTokenizer, load_text_encoder, save_text_model
 
@@ -272,31 +272,31 @@ def fit(modules, batch_loss, config, log, log_every: int) -> dict:
 
 def train(config: TrainConfig, log=print, init_from=None):
     """Train (from init_from's weights if given); returns (encoder, unet) with EMA weights, stats."""
-    torch.set_num_threads(config.threads)
-    encoder, unet = build_models(config)
-    if init_from is not None:
-        encoder.load_state_dict(load_text_encoder(init_from).state_dict())
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(pathlib.Path(init_from) / "unet").state_dict())
-    sampler_config = VARIANTS[config.variant]
-    abar = sampler_config.train_abar().float()
-    data_g = torch.Generator().manual_seed(config.seed)  # identical batches for every variant
-    noise_g = torch.Generator().manual_seed(config.seed + 1)
-    exact = None
-    if config.exact_below_snr > 0:
-        exact = ExactTargets(below_snr=config.exact_below_snr, share=config.exact_share, draws=config.exact_draws,
-                             generator=torch.Generator().manual_seed(config.seed + 2),
-                             weight=config.exact_weight, pool=config.exact_pool)
-        steps = len(exact.timesteps(abar))
-        log(f"exact posterior targets on the {steps} timesteps with SNR < {config.exact_below_snr}"
-            + ("" if steps else f" (none: this schedule's lowest SNR is {float(abar[-1] / (1 - abar[-1])):.4g})"))
+    with torch_threads(config.threads):  # the caller's count comes back after
+        encoder, unet = build_models(config)
+        if init_from is not None:
+            encoder.load_state_dict(load_text_encoder(init_from).state_dict())
+            unet.load_state_dict(UNet2DConditionModel.from_pretrained(pathlib.Path(init_from) / "unet").state_dict())
+        sampler_config = VARIANTS[config.variant]
+        abar = sampler_config.train_abar().float()
+        data_g = torch.Generator().manual_seed(config.seed)  # identical batches for every variant
+        noise_g = torch.Generator().manual_seed(config.seed + 1)
+        exact = None
+        if config.exact_below_snr > 0:
+            exact = ExactTargets(below_snr=config.exact_below_snr, share=config.exact_share, draws=config.exact_draws,
+                                 generator=torch.Generator().manual_seed(config.seed + 2),
+                                 weight=config.exact_weight, pool=config.exact_pool)
+            steps = len(exact.timesteps(abar))
+            log(f"exact posterior targets on the {steps} timesteps with SNR < {config.exact_below_snr}"
+                + ("" if steps else f" (none: this schedule's lowest SNR is {float(abar[-1] / (1 - abar[-1])):.4g})"))
 
-    def batch_loss():
-        x0, captions = scenes.sample_batch(config.batch_size, data_g, config.image_size)
-        return diffusion_loss(encoder, unet, x0, captions, abar, sampler_config.prediction_type,
-                              noise_g, config.caption_dropout, config.min_snr_gamma, config.snr_floor, exact)
+        def batch_loss():
+            x0, captions = scenes.sample_batch(config.batch_size, data_g, config.image_size)
+            return diffusion_loss(encoder, unet, x0, captions, abar, sampler_config.prediction_type,
+                                  noise_g, config.caption_dropout, config.min_snr_gamma, config.snr_floor, exact)
 
-    stats = fit((encoder, unet), batch_loss, config, log, log_every=100)
-    return encoder.eval(), unet.eval(), stats
+        stats = fit((encoder, unet), batch_loss, config, log, log_every=100)
+        return encoder.eval(), unet.eval(), stats
 
 
 def scheduler_config(variant: str) -> dict:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from . import WEIGHTS_DIR, scenes
+from . import WEIGHTS_DIR, scenes, torch_threads
 from .text import load_text_encoder
 from .train import VARIANTS, RunConfig, diffusion_loss, fit
 
@@ -46,25 +46,25 @@ def sample_batch(batch_size: int, generator: torch.Generator, size: int):
 
 def train(config: ControlConfig, model_dir: pathlib.Path = WEIGHTS_DIR / "default", log=print):
     """The trained ControlNet (EMA weights) and the run's stats."""
-    torch.set_num_threads(config.threads)
-    encoder = load_text_encoder(model_dir).eval().requires_grad_(False)
-    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet").eval().requires_grad_(False)
-    torch.manual_seed(config.seed)
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=config.embedding,
-                                    conditioning_channels=3).train()
-    sampler = VARIANTS["default"]
-    abar = sampler.train_abar().float()
-    data_g = torch.Generator().manual_seed(config.seed)
-    noise_g = torch.Generator().manual_seed(config.seed + 1)
-    size = 8 if config.tiny else scenes.IMAGE_SIZE
+    with torch_threads(config.threads):  # the caller's count comes back after
+        encoder = load_text_encoder(model_dir).eval().requires_grad_(False)
+        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet").eval().requires_grad_(False)
+        torch.manual_seed(config.seed)
+        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=config.embedding,
+                                        conditioning_channels=3).train()
+        sampler = VARIANTS["default"]
+        abar = sampler.train_abar().float()
+        data_g = torch.Generator().manual_seed(config.seed)
+        noise_g = torch.Generator().manual_seed(config.seed + 1)
+        size = 8 if config.tiny else scenes.IMAGE_SIZE
 
-    def batch_loss():
-        x0, captions, control = sample_batch(config.batch_size, data_g, size)
-        return diffusion_loss(encoder, unet, x0, captions, abar, sampler.prediction_type, noise_g,
-                              config.caption_dropout, controlnet=net, control=control)
+        def batch_loss():
+            x0, captions, control = sample_batch(config.batch_size, data_g, size)
+            return diffusion_loss(encoder, unet, x0, captions, abar, sampler.prediction_type, noise_g,
+                                  config.caption_dropout, controlnet=net, control=control)
 
-    stats = fit((net,), batch_loss, config, log, log_every=100)
-    return net.eval(), stats
+        stats = fit((net,), batch_loss, config, log, log_every=100)
+        return net.eval(), stats
 
 
 def save(net, out: pathlib.Path, config: ControlConfig, stats: dict) -> None:

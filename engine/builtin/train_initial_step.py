@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from diffusers import UNet2DConditionModel
 
-from . import WEIGHTS_DIR, model_dir, scenes
+from . import WEIGHTS_DIR, model_dir, scenes, torch_threads
 from .models import InitialStepPredictor, initial_step_config
 from .text import load_text_encoder
 from .train import RunConfig, drop_captions, fit
@@ -43,20 +43,20 @@ def initial_step_loss(predictor, encoder, x0: torch.Tensor, captions: list[str],
 
 def train(config: InitialStepConfig, encoder, log=print):
     """Train against a frozen encoder; returns (predictor with EMA weights, stats)."""
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    encoder.eval().requires_grad_(False)
-    predictor = InitialStepPredictor(UNet2DConditionModel(**initial_step_config(encoder.dim, config.tiny)))
-    size = predictor.unet.config.sample_size
-    data_g = torch.Generator().manual_seed(config.seed)
-    noise_g = torch.Generator().manual_seed(config.seed + 1)
+    with torch_threads(config.threads):  # the caller's count comes back after
+        torch.manual_seed(config.seed)
+        encoder.eval().requires_grad_(False)
+        predictor = InitialStepPredictor(UNet2DConditionModel(**initial_step_config(encoder.dim, config.tiny)))
+        size = predictor.unet.config.sample_size
+        data_g = torch.Generator().manual_seed(config.seed)
+        noise_g = torch.Generator().manual_seed(config.seed + 1)
 
-    def batch_loss():
-        x0, captions = scenes.sample_batch(config.batch_size, data_g, size)
-        return initial_step_loss(predictor, encoder, x0, captions, noise_g, config.caption_dropout)
+        def batch_loss():
+            x0, captions = scenes.sample_batch(config.batch_size, data_g, size)
+            return initial_step_loss(predictor, encoder, x0, captions, noise_g, config.caption_dropout)
 
-    stats = fit((predictor,), batch_loss, config, log, log_every=50)
-    return predictor.eval(), stats
+        stats = fit((predictor,), batch_loss, config, log, log_every=50)
+        return predictor.eval(), stats
 
 
 def main(argv=None) -> None:
