@@ -238,15 +238,16 @@ def control_call(engine, inputs: StepInputs, sample, t_rows) -> dict:
         index = torch.tensor(rows, device=sample.device)
         image = torch.cat([slot.control[f"image{j}"][:1] for _, slot in members])  # rows share it
         scale = torch.stack([slot.control["scales"][slot.k, j] for _, slot in members])
-        scale = scale.view(-1, 1, 1, 1)
+        scale = scale.view(-1, 1, 1, 1)  # fp32, as Engine.run's 0-dim scale
         t = t_rows[index] if t_rows.ndim else t_rows  # exported runners: one timestep a call
         d, m = nets[j](sample[index], t, encoder_hidden_states=inputs.emb[index],
-                       controlnet_cond=image, conditioning_scale=1.0 if guess else scale,
+                       controlnet_cond=image, conditioning_scale=1.0,
                        guess_mode=guess, added_cond_kwargs={k: v[index] for k, v in
                                                             inputs.added.items()} or None,
                        return_dict=False)
-        if guess:  # ControlNet's own logspace weights, then each row's scale
-            d, m = [x * scale for x in d], m * scale
+        # Each row's scale (after guess mode's own logspace weights), in fp32 and rounded once
+        # to the residual's dtype, as diffusers' `sample * conditioning_scale` does in Engine.run
+        d, m = [(x * scale).to(x.dtype) for x in d], (m * scale).to(m.dtype)
         if down is None:
             down = [x.new_zeros((sample.shape[0], *x.shape[1:])) for x in d]
             mid = m.new_zeros((sample.shape[0], *m.shape[1:]))

@@ -272,6 +272,31 @@ def test_scheduled_controlnet_images_equal_their_alone_runs(parts):
         torch.testing.assert_close(got, want, rtol=0, atol=LATENT_ATOL)
 
 
+
+def test_scheduled_controlnet_runs_at_half_precision_as_engine_run_does():
+    """At bf16 the scheduler's per-row scales stay fp32 and round once to the residuals' dtype,
+    as diffusers' scalar scale does in Engine.run: the image is the same (a bf16-rounded scale
+    moved the latents by 0.096; an fp32 one promoted the residuals and the UNet refused them)."""
+    from lumen.benchmarks.controlnet import control_for
+    from lumen.engine.builtin.train_controlnet import control_images
+    from lumen.serve.batcher import Batcher
+    from lumen.serve.jobs import Job
+
+    prompt = "a red circle on a solid black background"
+    eng = engine.build("default", controlnet="default", dtype=torch.bfloat16)
+    image = control_images(control_for(prompt, 1, 5))
+    batcher = Batcher(eng, max_batch=8, batch_wait_ms=0, output_type="latent")
+    try:
+        for i, kw in enumerate((dict(controlnet_conditioning_scale=0.7), dict(guess_mode=True))):
+            kw = dict(control_image=image, num_inference_steps=6, **kw)
+            job = Job.prepared(eng.prepare(prompt, generator=torch.Generator().manual_seed(i), **kw))
+            got = batcher.submit(job).result(timeout=120)
+            want = eng.run(prompt, generator=torch.Generator().manual_seed(i), output_type="latent",
+                           **kw).images
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    finally:
+        batcher.stop()
+
 def png_b64(tensor) -> str:
     import base64
     import io
