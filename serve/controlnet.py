@@ -68,6 +68,14 @@ class ControlNets:
         served = ", ".join(repr(t) for t in self.titles()) or "none"
         raise InvalidRequest(param, f"{param}={name!r}; expected a loaded ControlNet ({served})")
 
+    def unit(self, name, param: str, units: list) -> int:
+        """The index of the ControlNet a request's next unit names; each ControlNet once."""
+        j = self.index(name, param)
+        if any(j == u[0] for u in units):
+            raise InvalidRequest(param, f"{param}={name!r} names a ControlNet an earlier unit "
+                                        "uses; expected each ControlNet once")
+        return j
+
 
 def a1111_control(alwayson: dict, nets: ControlNets, size: tuple[int, int],
                   max_pixels: int) -> tuple[Control | None, tuple]:
@@ -84,10 +92,7 @@ def a1111_control(alwayson: dict, nets: ControlNets, size: tuple[int, int],
             raise InvalidRequest(param, f"{param} is {type(unit).__name__}; expected a unit object")
         if not unit.get("enabled", True):
             continue
-        j = nets.index(unit.get("model"), f"{param}.model")
-        if any(j == u[0] for u in units):
-            raise InvalidRequest(f"{param}.model", f"{param}.model={unit['model']!r} is named by "
-                                                   "two units; expected each ControlNet once")
+        j = nets.unit(unit.get("model"), f"{param}.model", units)
         data = unit.get("image", unit.get("input_image"))
         if isinstance(data, dict):  # the extension's {"image": ..., "mask": ...} form
             data = data.get("image")
@@ -124,7 +129,7 @@ def openai_control(body, nets: ControlNets, size: tuple[int, int],
     for k, (name, item) in enumerate(zip(names, data)):
         if item is None:
             continue
-        j = nets.index(name, "controlnet")
+        j = nets.unit(name, "controlnet" if len(names) == 1 else f"controlnet[{k}]", units)
         param = "control_image" if len(data) == 1 else f"control_image[{k}]"
         images.append(to_tensor(resize(decode_image(item, param, max_pixels), size, "crop")))
         units.append((j, *(per_name(body, field, k, len(names)) for field in

@@ -380,6 +380,10 @@ def test_the_server_takes_a1111_controlnet_units_and_openai_control_images(parts
                 assert r.status_code == 422 and words in r.json()["error"]["message"], r.text
                 if field:
                     assert r.json()["error"]["param"] == f"alwayson_scripts.controlnet.args[0].{field}"
+            r = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {
+                "controlnet": {"args": [unit, unit]}}})  # two units, one ControlNet
+            assert r.status_code == 422 and "expected each ControlNet once" in r.text
+            assert r.json()["error"]["param"] == "alwayson_scripts.controlnet.args[1].model"
             other = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"adetailer": {}}})
             assert other.status_code == 422 and other.json()["error"]["param"] == "alwayson_scripts"
         import webuiapi  # the A1111 client, with its own ControlNetUnit
@@ -408,6 +412,11 @@ def test_the_server_takes_a1111_controlnet_units_and_openai_control_images(parts
                                                             "control_image": png_b64(control)})
             assert r.status_code == 422 and r.json()["error"]["param"] == "control_image"
             assert "1 control images for 2 ControlNets" in r.json()["error"]["message"]
+            r = client.post("/v1/images/generations", json={  # one ControlNet, two images
+                "prompt": PROMPT, "size": "16x16", "controlnet": ["edges", "edges"],
+                "control_image": [png_b64(control)] * 2})
+            assert r.status_code == 422 and r.json()["error"]["param"] == "controlnet[1]", r.text
+            assert "expected each ControlNet once" in r.json()["error"]["message"]
             assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200  # still serving
     finally:
         server.stop()
