@@ -42,9 +42,12 @@ def largest_branch(unet) -> int:
     return 3 * (len(blocks) - 1) + min(len(blocks[-1].resnets), 3) - 1
 
 
-def full_step(step: int, interval: int) -> bool:
-    """DeepCache's uniform schedule: step `step` of a run (0 first) runs the whole UNet."""
-    return step % interval == 0
+def schedule(plan, interval: int) -> tuple[bool, ...]:
+    """DeepCache's uniform schedule: per evaluation point of a run, whether it runs the whole
+    UNet (every interval-th step, the first included; Heun's corrector shares its step's)."""
+    from .samplers import evaluation_steps
+
+    return tuple(step % interval == 0 for step in evaluation_steps(plan))
 
 
 class Switch:

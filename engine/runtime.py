@@ -384,12 +384,11 @@ class Engine:
         cond = inpaint.get("cond")
         control, nets = control or {}, self.control_runners
         switch = None  # DeepCache's, when the run uses it (set below)
-        steps_of = None if cache is None else samplers.evaluation_steps(dp.plan)  # step of each point
+        full = None if cache is None else deepcache.schedule(dp.plan, cache[0])  # per evaluation
 
         def model_output(x, k):  # x: [N, C, h, w] fp32 -> m: [2N or N, C, h, w], model dtype
             if switch is not None:  # full or shallow: decided by the step index, on the host
-                switch.set("full" if deepcache.full_step(steps_of[k], cache[0]) else "shallow",
-                           cache[1])
+                switch.set("full" if full[k] else "shallow", cache[1])
             x_in = x.to(dtype)
             rows = torch.cat([x_in, x_in]) if cfg else x_in
             residuals = controlnet.residuals(nets, rows, dp.timesteps[k], emb, added, control, k,

@@ -41,6 +41,7 @@ class Slot:
     state: dict = field(default_factory=dict)  # sampler state: x0_prev; x_hat, eps, x_next
     inpaint: dict = field(default_factory=dict)  # {"cond"} rows like emb, or {"mask", "x0", "eps"}
     cache: tuple | None = None  # DeepCache's (interval, branch id), None when off
+    full: tuple = ()  # DeepCache: per evaluation, whether it runs the whole UNet (its schedule)
     control: dict = field(default_factory=dict)  # ControlNet: "image{j}" (rows as its input), "scales"
     guess_mode: bool = False  # ControlNet sees the conditional row only
     kept: tuple | None = None  # DeepCache: (the outputs its last full call kept, its rows there)
@@ -61,9 +62,7 @@ class Slot:
     @property
     def shallow(self) -> bool:
         """DeepCache: whether this evaluation runs only the shallow branch (engine.deepcache)."""
-        if self.cache is None:
-            return False
-        return samplers.evaluation_steps(self.dp.plan)[self.k] % self.cache[0] != 0
+        return self.cache is not None and not self.full[self.k]
 
     @property
     def shape_key(self) -> tuple:
@@ -77,6 +76,10 @@ def split(engine, request: dict, owner=None) -> list[Slot]:
     x_T, noise, emb, cfg = request["x_T"], request["noise"], request["emb"], request["cfg"]
     inpaint = request.get("inpaint") or {}
     n = x_T.shape[0]
+    cache = request.get("cache")
+    full = () if cache is None else deepcache.schedule(request["dp"].plan, cache[0])
+    control = request.get("control") or {}
+    guess = bool(request.get("guess_mode")) and bool(control)
     slots = []
     for j in range(n):
         rows = [j, n + j] if cfg else [j]
@@ -86,14 +89,12 @@ def split(engine, request: dict, owner=None) -> list[Slot]:
             x = engine.hand_over(x, emb_j, request["w"], cfg, request["dp"])
         own = {"cond": inpaint["cond"][rows]} if "cond" in inpaint else \
             {k: v[j:j + 1] for k, v in inpaint.items()}
-        control = request.get("control") or {}
-        guess = bool(request.get("guess_mode")) and bool(control)
         control_rows = rows if cfg and not guess else [j]  # rows of the ControlNet's input
-        control = {k: v if k == "scales" else v[control_rows] for k, v in control.items()}
+        own_control = {k: v if k == "scales" else v[control_rows] for k, v in control.items()}
         slots.append(Slot(emb_j, {k: v[rows] for k, v in request["added"].items()}, request["dp"],
                           request["w"], request["phi"], cfg, x,
                           None if noise is None else noise[j:j + 1], owner, inpaint=own,
-                          cache=request.get("cache"), control=control, guess_mode=guess))
+                          cache=cache, full=full, control=own_control, guess_mode=guess))
     return slots
 
 
