@@ -114,14 +114,12 @@ def read_image(path: str, option: str = "--image"):
         raise InvalidInputError(f"{option} {path!r}: {err}; expected an image file") from err
 
 
-def builtin_controlnet(model: str, control_image):
-    """A built-in model's own ControlNet, when a control image is given without --controlnet."""
+def builtin_controlnet(model: str, control_image) -> str | None:
+    """A built-in model's own ControlNet (by the model's name, as build's controlnet= takes it),
+    when a control image is given without --controlnet."""
     from . import builtin
 
-    if not control_image or model not in builtin.MODEL_NAMES:
-        return None
-    folder = builtin.model_dir(model) / "controlnet"
-    return folder if (folder / "config.json").is_file() else None
+    return model if control_image and model in builtin.MODEL_NAMES else None
 
 
 def _one(values: list):

@@ -22,9 +22,6 @@ import torch
 
 from .errors import InvalidInputError
 
-LOCK = threading.Lock()  # one cached run (or scheduler call) at a time sets a clone's switch
-
-
 def check(unet, branch_id: int) -> None:
     """Refuse a UNet DeepCache can't split and a branch it lacks (the interval is the caller's)."""
     from .validation import check_int
@@ -54,9 +51,11 @@ class Switch:
     """What the clone's blocks do on the next call: run plainly (mode None), run and keep their
     outputs ("full"), or return the kept outputs of what lies deeper than the branch
     ("shallow"). `kept` maps each block's key to its output; `where` each key to its place in
-    DeepCache's numbering."""
+    DeepCache's numbering. Whoever sets it holds `lock` until its calls are done: one cached run
+    (or scheduler call) at a time per clone; other clones, and the UNet itself, go on."""
 
     def __init__(self):
+        self.lock = threading.Lock()
         self.mode: str | None = None
         self.block = self.layer = 0
         self.kept: dict = {}

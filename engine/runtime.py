@@ -1,6 +1,7 @@
 """The public API: `engine.build(model, ...)` returns an Engine; `Engine.run(...)` makes images."""
 import dataclasses
 import math
+import threading
 
 import torch
 
@@ -135,7 +136,7 @@ class TorchRunner:
     def __init__(self, unet: torch.nn.Module, compile_mode: str | None = None):
         self.unet, self.compile_mode = unet, compile_mode
         self.module = unet
-        self._cached = None
+        self._cached, self._cloning = None, threading.Lock()
         if compile_mode is not None:
             mode = None if compile_mode == "default" else compile_mode
             # dynamic=None: a second shape recompiles once with dynamic shapes instead of once
@@ -144,11 +145,12 @@ class TorchRunner:
 
     def cached(self) -> tuple["TorchRunner", "deepcache.Switch"]:
         """DeepCache's runner (a clone of the UNet sharing its weights, compiled as this one is)
-        and the switch its blocks follow; the caller holds deepcache.LOCK."""
-        if self._cached is None:
-            twin, switch = deepcache.clone(self.unet)
-            self._cached = TorchRunner(twin, self.compile_mode), switch
-        return self._cached
+        and the switch its blocks follow; the caller holds switch.lock while it sets the switch."""
+        with self._cloning:
+            if self._cached is None:
+                twin, switch = deepcache.clone(self.unet)
+                self._cached = TorchRunner(twin, self.compile_mode), switch
+            return self._cached
 
     def __call__(self, x, t, emb, down=None, mid=None, **added):
         # added: SDXL's text_embeds and time_ids; None keeps plain UNets' call unchanged.
@@ -256,6 +258,11 @@ class Engine:
         start, pixels = images.check(self, image, strength, num_inference_steps, latents)
         if pixels is not None:  # the image sets the size
             height, width = images.size(pixels, height, width)
+        plan = samplers.make_plan(self.config, num_inference_steps, eta, start)
+        cache = self._check_cache(cache_interval, cache_branch_id, plan.num_steps)
+        scales = self._control_scales(control_image, controlnet_conditioning_scale,
+                                      control_guidance_start, control_guidance_end, guess_mode,
+                                      plan, cache)  # checked before the text and VAE work
         cfg = guidance_scale != 1  # w = 1 is the conditional output alone: skip the negative batch
         text = embed_prompts(self.components, prompt, negative_prompt, prompt_embeds,
                              negative_prompt_embeds, num_images_per_prompt, cfg,
@@ -267,7 +274,6 @@ class Engine:
                                    text.pos.shape[0] // num_images_per_prompt, num_images_per_prompt,
                                    cfg, time_ids(shape[2] * f, shape[3] * f, *sizes),
                                    sizes_given=any(v is not None for v in sizes))
-        plan = samplers.make_plan(self.config, num_inference_steps, eta, start)
         dp = plan.to(self.device)
         if pixels is None:
             if mask_image is not None:
@@ -280,22 +286,19 @@ class Engine:
         pos = text.pos.to(self.device, self.dtype)
         emb = torch.cat([text.neg.to(self.device, self.dtype), pos]) if cfg else pos  # [negative, positive]
         scalars = torch.tensor([guidance_scale, guidance_rescale], dtype=torch.float32).to(self.device)
-        cache = self._check_cache(cache_interval, cache_branch_id, plan.num_steps)
-        control = self._control(control_image, controlnet_conditioning_scale, control_guidance_start,
-                                control_guidance_end, guess_mode, shape, plan, cfg, cache)
+        control = self._control(control_image, scales, guess_mode, shape, cfg)
         return dict(emb=emb, x_T=x_T, noise=noise, dp=dp, w=scalars[0],
                     phi=scalars[1], cfg=cfg,
                     added={k: v.to(self.device, self.dtype) for k, v in added.items()},
                     inpaint=inpaint, cache=cache, control=control, guess_mode=bool(guess_mode))
 
-    def _control(self, control_image, scale, start, end, guess_mode, shape: tuple,
-                 plan: samplers.Plan, cfg: bool, cache) -> dict:
-        """The ControlNet inputs of a request: "image{j}" (ControlNet j's images, rows as the
-        ControlNet sees them, for each ControlNet the request uses) and "scales" [evaluations,
-        n]; {} without control_image (the engine's ControlNets sit this request out)."""
+    def _control_scales(self, control_image, scale, start, end, guess_mode, plan: samplers.Plan,
+                        cache) -> torch.Tensor | None:
+        """ControlNet's per-evaluation scales [evaluations, n] of a request, its arguments
+        checked; None without control_image (the engine's ControlNets sit this request out)."""
         nets = self.components.controlnets
         if control_image is None:
-            return {}
+            return None
         if not nets:
             raise InvalidInputError("control_image on an engine without a ControlNet; expected "
                                     "engine.build(..., controlnet=...) first")
@@ -305,16 +308,24 @@ class Engine:
             raise InvalidInputError(f"cache_interval={cache[0]} with ControlNet; DeepCache does not "
                                     "reuse features that control residuals change; expected "
                                     "cache_interval=1")
+        evaluations = len(samplers.evaluation_steps(plan))
+        return controlnet.scales(len(nets), scale, start, end, evaluations)
+
+    def _control(self, control_image, scales, guess_mode: bool, shape: tuple, cfg: bool) -> dict:
+        """The ControlNet inputs of a request: "image{j}" (ControlNet j's images, rows as the
+        ControlNet sees them, for each ControlNet the request uses) and "scales"; {} without."""
+        if scales is None:
+            return {}
         f = self.components.vae_scale_factor
-        pictures = controlnet.images(control_image, len(nets), shape[0], shape[2] * f, shape[3] * f)
+        pictures = controlnet.images(control_image, len(self.components.controlnets), shape[0],
+                                     shape[2] * f, shape[3] * f)
         control = {}
         for j, picture in enumerate(pictures):
             if picture is None:
                 continue
             picture = picture.to(self.device, self.dtype)
             control[f"image{j}"] = torch.cat([picture, picture]) if cfg and not guess_mode else picture
-        evaluations = len(samplers.evaluation_steps(plan))
-        control["scales"] = controlnet.scales(len(nets), scale, start, end, evaluations).to(self.device)
+        control["scales"] = scales.to(self.device)
         return control
 
     def sample(self, emb, x_T, noise, dp: samplers.DevicePlan, w: torch.Tensor, phi: torch.Tensor,
@@ -413,8 +424,8 @@ class Engine:
             x_T = self.hand_over(x_T, emb, w, cfg, dp)
         if cache is None:
             return samplers.sample(denoise, x_T, dp, noise, callback, ddim_step, keep)
-        with deepcache.LOCK:  # the clone's switch and kept features are this run's
-            runner, switch = runner.cached()
+        runner, switch = runner.cached()
+        with switch.lock:  # the clone's switch and kept features are this run's
             try:
                 return samplers.sample(denoise, x_T, dp, noise, callback, ddim_step, keep)
             finally:

@@ -267,8 +267,8 @@ def deep_call(engine, runner, inputs: StepInputs, sample, t_rows, residuals: dic
     for r, (slot, _) in enumerate(inputs.owners):
         groups.setdefault(slot.cache[1] if slot.shallow else None, []).append(r)
     m = None
-    with deepcache.LOCK:
-        cached, switch = runner.cached()
+    cached, switch = runner.cached()
+    with switch.lock:
         try:
             for branch, rows in groups.items():
                 switch.kept.clear()

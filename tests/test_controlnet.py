@@ -174,6 +174,17 @@ def test_bad_controlnet_input_is_refused_naming_the_value(parts):
     for kw, message in cases:
         with pytest.raises(engine.InvalidInputError, match=message):
             eng.run(PROMPT, num_inference_steps=5, height=SIZE, width=SIZE, **kw)
+    encoded = []  # scales, windows and DeepCache are refused before the text encoder runs
+    hook = pipe.text_encoder.register_forward_hook(lambda *a: encoded.append(1))
+    try:
+        for kw, _ in cases[2:5] + cases[-1:]:
+            with pytest.raises(engine.InvalidInputError):
+                eng.prepare(PROMPT, num_inference_steps=5, height=SIZE, width=SIZE, **kw)
+        assert not encoded
+        eng.prepare(PROMPT, num_inference_steps=5, height=SIZE, width=SIZE, control_image=images)
+        assert encoded  # the hook sees the engine's text encoder
+    finally:
+        hook.remove()
     with pytest.raises(engine.InvalidInputError, match="control_image on an engine without a ControlNet"):
         engine.build(pipe, device="cpu").run(PROMPT, control_image=images[0], num_inference_steps=5)
     wide = make_controlnet(make_tiny_unet(cross_attention_dim=64), 1)
@@ -528,6 +539,10 @@ def test_the_built_in_controlnet_puts_the_shape_where_the_mask_says(tmp_path, ca
     assert scene_analyzer.inside(reading, masks[0, 0]) and reading.kind == "circle"
     with pytest.raises(engine.InvalidInputError, match="'flawed': that built-in model ships no ControlNet"):
         engine.build("default", controlnet="flawed")
+    capsys.readouterr()
+    assert main(["generate", prompt, "--model", "flawed", "--control-image", str(tmp_path / "mask.png"),
+                 "-o", str(out)]) == 2
+    assert "controlnet='flawed': that built-in model ships no ControlNet" in capsys.readouterr().err
 
 
 def test_the_controlnet_study_runs_small(tmp_path):

@@ -286,3 +286,25 @@ def test_plain_runs_beside_a_cached_run_are_untouched(pipe):
         assert len(results) == 4
         for result in results:
             torch.testing.assert_close(result, want[interval], rtol=0, atol=0)
+
+
+def test_a_cached_run_waits_only_for_its_own_clone(pipe):
+    """Each UNet's clone has its own lock: while one engine's cached run holds its clone, another
+    engine's cached run goes on; a second run on the held clone waits until it is free."""
+    import threading
+
+    held = engine.build(pipe, scheduler=pipe.scheduler, device="cpu")
+    other = engine.build(pipe, scheduler=pipe.scheduler, device="cpu")
+    _, switch = held.runner.cached()
+    want = ours(other, 3, 0, steps=6)
+    done = []
+    with switch.lock:  # a cached run of `held` in progress
+        free = threading.Thread(target=lambda: done.append(ours(other, 3, 0, steps=6)))
+        waiting = threading.Thread(target=lambda: done.append(ours(held, 3, 0, steps=6)))
+        free.start(), waiting.start()
+        free.join(120)
+        assert len(done) == 1 and waiting.is_alive()
+    waiting.join(120)
+    assert len(done) == 2
+    for got in done:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
