@@ -146,6 +146,15 @@ def used(control: dict) -> tuple[int, ...]:
     return tuple(sorted(int(k.removeprefix("image")) for k in control if k.startswith("image")))
 
 
+def run(net, sample, t, emb, added: dict, image, scale, guess_mode: bool) -> tuple[list, object]:
+    """One ControlNet's (down, mid) residuals over the rows of sample, scaled by `scale` (fp32:
+    0-dim, or [rows, 1, 1, 1] with a scale per row) after guess mode's own logspace weights, the
+    product rounded once to the residuals' dtype as diffusers' `sample * conditioning_scale` is."""
+    d, m = net(sample, t, encoder_hidden_states=emb, controlnet_cond=image, conditioning_scale=1.0,
+               guess_mode=guess_mode, added_cond_kwargs=added or None, return_dict=False)
+    return [(x * scale).to(x.dtype) for x in d], (m * scale).to(m.dtype)
+
+
 def residuals(nets: tuple, sample, t, emb, added: dict, control: dict, k: int, cfg: bool,
               guess_mode: bool) -> dict:
     """{"down": [...], "mid": ...}: the summed residuals of every ControlNet at evaluation k.
@@ -159,15 +168,12 @@ def residuals(nets: tuple, sample, t, emb, added: dict, control: dict, k: int, c
         n = sample.shape[0] // 2
         sample, emb = sample[n:], emb[n:]
         added = {key: v[n:] for key, v in added.items()}
-        if t.ndim:
-            t = t[n:]
     down = mid = None
     for j, net in enumerate(nets):
         if f"image{j}" not in control:
             continue
-        d, m = net(sample, t, encoder_hidden_states=emb, controlnet_cond=control[f"image{j}"],
-                   conditioning_scale=control["scales"][k, j], guess_mode=guess_mode,
-                   added_cond_kwargs=added or None, return_dict=False)
+        d, m = run(net, sample, t, emb, added, control[f"image{j}"], control["scales"][k, j],
+                   guess_mode)
         down = list(d) if down is None else [a + b for a, b in zip(down, d)]
         mid = m if mid is None else mid + m
     if half:  # the unconditional half gets no control

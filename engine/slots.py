@@ -18,7 +18,7 @@ import torch
 
 from lumen import kernels
 
-from . import deepcache, samplers
+from . import controlnet, deepcache, samplers
 from .output import decode
 
 
@@ -239,16 +239,10 @@ def control_call(engine, inputs: StepInputs, sample, t_rows) -> dict:
         index = torch.tensor(rows, device=sample.device)
         image = torch.cat([slot.control[f"image{j}"][:1] for _, slot in members])  # rows share it
         scale = torch.stack([slot.control["scales"][slot.k, j] for _, slot in members])
-        scale = scale.view(-1, 1, 1, 1)  # fp32, as Engine.run's 0-dim scale
         t = t_rows[index] if t_rows.ndim else t_rows  # exported runners: one timestep a call
-        d, m = nets[j](sample[index], t, encoder_hidden_states=inputs.emb[index],
-                       controlnet_cond=image, conditioning_scale=1.0,
-                       guess_mode=guess, added_cond_kwargs={k: v[index] for k, v in
-                                                            inputs.added.items()} or None,
-                       return_dict=False)
-        # Each row's scale (after guess mode's own logspace weights), in fp32 and rounded once
-        # to the residual's dtype, as diffusers' `sample * conditioning_scale` does in Engine.run
-        d, m = [(x * scale).to(x.dtype) for x in d], (m * scale).to(m.dtype)
+        d, m = controlnet.run(nets[j], sample[index], t, inputs.emb[index],
+                              {k: v[index] for k, v in inputs.added.items()}, image,
+                              scale.view(-1, 1, 1, 1), guess)
         if down is None:
             down = [x.new_zeros((sample.shape[0], *x.shape[1:])) for x in d]
             mid = m.new_zeros((sample.shape[0], *m.shape[1:]))
