@@ -96,7 +96,7 @@ def wrap(module, key: tuple, switch: Switch) -> None:
         if switch.mode == "shallow" and switch.deeper(key):
             return switch.kept[key]
         out = forward(*args, **kwargs)
-        if switch.mode == "full":  # keep every output for the shallow calls after it
+        if switch.mode == "full" and switch.deeper(key):  # what the shallow calls after it reuse
             switch.kept[key] = out
         return out
     module.forward = cached

@@ -266,8 +266,9 @@ def deep_call(engine, runner, inputs: StepInputs, sample, t_rows, residuals: dic
         try:
             for branch, rows in groups.items():
                 switch.kept.clear()
-                if branch is None:  # full: keep the outputs if any of these images caches
-                    switch.set("full" if any(inputs.owners[r][0].cache for r in rows) else None)
+                if branch is None:  # full: keep what the shallowest branch of these images reuses
+                    branches = [inputs.owners[r][0].cache[1] for r in rows if inputs.owners[r][0].cache]
+                    switch.set("full" if branches else None, min(branches, default=0))
                 else:
                     switch.set("shallow", branch)
                     switch.kept.update(deepcache.rows_of(switch.reused(), [

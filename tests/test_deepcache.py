@@ -308,3 +308,23 @@ def test_a_cached_run_waits_only_for_its_own_clone(pipe):
     assert len(done) == 2
     for got in done:
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_full_call_keeps_only_what_its_branch_reuses(pipe):
+    """A full call keeps the outputs the shallow calls at its branch read, and nothing shallower:
+    at the deepest branch fewer than at branch 0, and exactly the keys `reused()` names."""
+    from lumen.engine import deepcache
+
+    twin, switch = deepcache.clone(pipe.unet)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor(999)
+    emb = torch.randn(1, 8, pipe.unet.config.cross_attention_dim)
+    counts = {}
+    for branch in (0, deepcache.largest_branch(pipe.unet)):
+        switch.kept.clear()
+        switch.set("full", branch)
+        with torch.no_grad():
+            twin(x, t, encoder_hidden_states=emb)
+        assert set(switch.kept) == set(switch.reused()) and switch.kept
+        counts[branch] = len(switch.kept)
+    switch.set(None)
+    assert counts[deepcache.largest_branch(pipe.unet)] < counts[0] < len(switch.where)
