@@ -81,30 +81,40 @@ def _config(model, name):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def per_net(name: str, value, n: int, low: float, high: float) -> list[float]:
-    """One value per ControlNet: a number for all, or a list of n."""
+UNIT_NAMES = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
+
+
+def per_net(name: str, value, n: int) -> list:
+    """One value per ControlNet: a value for all, or a list of n."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
     if len(values) != n:
         raise InvalidInputError(f"{name} has {len(values)} values for {n} ControlNets; expected "
                                 "one value, or one per ControlNet")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                or not low <= v <= high:
-            raise InvalidInputError(f"{name}={value!r}; expected numbers in [{low:g}, {high:g}]")
-    return [float(v) for v in values]
+    return values
+
+
+def unit_problem(scale, start, end, names: tuple = UNIT_NAMES) -> tuple[str, str] | None:
+    """What is wrong with one ControlNet's scale and window (guidance start and end, fractions
+    of the run), as (the value's name, a message naming it), or None; names: the caller's
+    names of the three (the server's A1111 units call them weight, guidance_start, ...)."""
+    for value, name, high in zip((scale, start, end), names, (math.inf, 1.0, 1.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or not 0 <= value <= high:
+            return name, f"{name}={value!r}; expected a number in [0, {high:g}]"
+    if start > end:
+        return names[1], f"{names[1]}={start} > {names[2]}={end}; expected start <= end"
+    return None
 
 
 def scales(n: int, scale, start, end, evaluations: int) -> torch.Tensor:
     """[evaluations, n] fp32: ControlNet j's conditioning scale at each evaluation point, zero
     outside its window (diffusers' controlnet_keep: point i runs when i/E >= start and
     (i + 1)/E <= end, E the run's evaluation points)."""
-    scale = per_net("controlnet_conditioning_scale", scale, n, 0.0, math.inf)
-    start = per_net("control_guidance_start", start, n, 0.0, 1.0)
-    end = per_net("control_guidance_end", end, n, 0.0, 1.0)
-    for j, (s, e) in enumerate(zip(start, end)):
-        if s > e:
-            raise InvalidInputError(f"control_guidance_start={s} > control_guidance_end={e} "
-                                    f"(ControlNet {j}); expected start <= end")
+    scale, start, end = (per_net(name, v, n) for name, v in zip(UNIT_NAMES, (scale, start, end)))
+    for j in range(n):
+        problem = unit_problem(scale[j], start[j], end[j])
+        if problem is not None:
+            raise InvalidInputError(f"{problem[1]} (ControlNet {j})")
     table = [[scale[j] * (1.0 - float(i / evaluations < start[j] or (i + 1) / evaluations > end[j]))
               for j in range(n)] for i in range(evaluations)]
     return torch.tensor(table, dtype=torch.float32)

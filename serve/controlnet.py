@@ -22,6 +22,9 @@ import numpy as np
 from fastapi import FastAPI
 from PIL import Image, ImageOps
 
+from lumen.engine import InvalidInputError
+from lumen.engine.controlnet import UNIT_NAMES, per_net, unit_problem
+
 from .img2img import decode_image, to_tensor
 from .schemas import InvalidRequest
 
@@ -103,8 +106,10 @@ def a1111_control(alwayson: dict, nets: ControlNets, size: tuple[int, int],
         image = resize(image, size, resize_mode(unit.get("resize_mode", "Crop and Resize"), param))
         images.append(to_tensor(preprocess(image, unit, param)))
         modes.add(control_mode(unit.get("control_mode", "Balanced"), param))
-        units.append((j, number(unit, "weight", 1.0, param), number(unit, "guidance_start", 0.0, param),
-                      number(unit, "guidance_end", 1.0, param)))
+        units.append(checked(j, *(number(unit, name, default, param) for name, default in
+                                  (("weight", 1.0), ("guidance_start", 0.0), ("guidance_end", 1.0))),
+                             names=(f"{param}.weight", f"{param}.guidance_start",
+                                    f"{param}.guidance_end")))
     if not units:
         return None, ()
     if len(modes) > 1:
@@ -132,23 +137,27 @@ def openai_control(body, nets: ControlNets, size: tuple[int, int],
         j = nets.unit(name, "controlnet" if len(names) == 1 else f"controlnet[{k}]", units)
         param = "control_image" if len(data) == 1 else f"control_image[{k}]"
         images.append(to_tensor(resize(decode_image(item, param, max_pixels), size, "crop")))
-        units.append((j, *(per_name(body, field, k, len(names)) for field in
-                           ("controlnet_conditioning_scale", "control_guidance_start",
-                            "control_guidance_end"))))
+        units.append(checked(j, *(per_name(body, field, len(names))[k] for field in UNIT_NAMES)))
     if not units:
         return None, ()
     return Control(tuple(units), bool(body.guess_mode), tuple(nets.names[u[0]] for u in units)), \
         tuple(images)
 
 
-def per_name(body, field: str, k: int, n: int) -> float:
-    value = getattr(body, field)
-    if isinstance(value, list):
-        if len(value) != n:
-            raise InvalidRequest(field, f"{field} has {len(value)} values for {n} ControlNets; "
-                                        "expected one, or one per ControlNet")
-        return float(value[k])
-    return float(value)
+def per_name(body, field: str, n: int) -> list:
+    """An OpenAI field's value per named ControlNet (one for all, or a list of n)."""
+    try:
+        return per_net(field, getattr(body, field), n)
+    except InvalidInputError as err:
+        raise InvalidRequest(field, str(err)) from err
+
+
+def checked(j: int, scale, start, end, names: tuple = UNIT_NAMES) -> tuple:
+    """A unit (j, scale, start, end), refused as the engine would, naming the client's field."""
+    problem = unit_problem(scale, start, end, names)
+    if problem is not None:
+        raise InvalidRequest(*problem)
+    return j, float(scale), float(start), float(end)
 
 
 def number(unit: dict, name: str, default: float, param: str) -> float:

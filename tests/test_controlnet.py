@@ -384,13 +384,14 @@ def test_the_server_takes_a1111_controlnet_units_and_openai_control_images(parts
                    ({"module": "depth_midas"}, "module", "needs a preprocessor model"),
                    ({"control_mode": "My prompt is more important"}, "control_mode", "expected one of"),
                    ({"image": "not base64!"}, "image", "not valid base64"),
-                   ({"guidance_start": 0.9, "guidance_end": 0.2}, None, "control_guidance_start=0.9")]
+                   ({"guidance_start": 0.9, "guidance_end": 0.2}, "guidance_start",
+                    "args[0].guidance_start=0.9 > alwayson_scripts.controlnet.args[0].guidance_end=0.2"),
+                   ({"weight": -1}, "weight", "args[0].weight=-1.0; expected a number in [0, inf]")]
             for change, field, words in bad:
                 r = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {
                     "controlnet": {"args": [{**unit, **change}]}}})
                 assert r.status_code == 422 and words in r.json()["error"]["message"], r.text
-                if field:
-                    assert r.json()["error"]["param"] == f"alwayson_scripts.controlnet.args[0].{field}"
+                assert r.json()["error"]["param"] == f"alwayson_scripts.controlnet.args[0].{field}"
             r = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {
                 "controlnet": {"args": [unit, unit]}}})  # two units, one ControlNet
             assert r.status_code == 422 and "expected each ControlNet once" in r.text
@@ -428,6 +429,15 @@ def test_the_server_takes_a1111_controlnet_units_and_openai_control_images(parts
                 "control_image": [png_b64(control)] * 2})
             assert r.status_code == 422 and r.json()["error"]["param"] == "controlnet[1]", r.text
             assert "expected each ControlNet once" in r.json()["error"]["message"]
+            for field, value, words in (
+                    ("controlnet_conditioning_scale", [1.0, -2.0], "=-2.0; expected a number in [0, inf]"),
+                    ("control_guidance_end", 1.5, "control_guidance_end=1.5; expected a number in [0, 1]"),
+                    ("control_guidance_start", [0.1, 0.2, 0.3], "has 3 values for 2 ControlNets")):
+                r = client.post("/v1/images/generations", json={
+                    "prompt": PROMPT, "size": "16x16", field: value,
+                    "control_image": [png_b64(control)] * 2})
+                assert r.status_code == 422 and r.json()["error"]["param"] == field, r.text
+                assert words in r.json()["error"]["message"], r.text
             assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200  # still serving
     finally:
         server.stop()
