@@ -191,7 +191,8 @@ def start(engine, images: torch.Tensor, mask_image, strength: float, shape: tupl
     if not (concat and strength == 1.0):
         x0 = start_x0 = checked(encode(images, engine.components, generators, device, engine.dtype),
                                 latent_shape)
-        if masked_content == "noise":  # A1111's "latent noise": the region starts from noise
+        if masked_content == "noise" and strength < 1.0:  # A1111's "latent noise": the region
+            # starts from noise (at strength 1 every region does, with nothing drawn for it)
             m = latent_mask(mask, shape).to(device)
             z = torch.stack([torch.randn(latent_shape[1:], generator=g,
                                          device=g.device if g is not None else "cpu")

@@ -194,12 +194,14 @@ def test_masked_content_noise_starts_the_masked_region_from_noise_and_keeps_the_
     mask[:, 16:] = 1.0
     prompt = "a red circle on a solid black background"
 
-    def run(**kw):
-        return eng.run(prompt, image=grey, mask_image=mask, strength=0.5, output_type="pt",
+    def run(strength=0.5, **kw):
+        return eng.run(prompt, image=grey, mask_image=mask, strength=strength, output_type="pt",
                        generator=torch.Generator().manual_seed(0), **kw).images
     original, noise = run(), run(masked_content="noise")
     assert torch.equal(original[..., :16], noise[..., :16])  # the kept half: the image in both
     assert float((original - noise)[..., 16:].abs().mean()) > 0.05
+    # at strength 1 the whole start is noise either way: the same draws, the same image
+    assert torch.equal(run(1.0), run(1.0, masked_content="noise"))
     with pytest.raises(engine.InvalidInputError, match="masked_content='blur'; expected one of"):
         run(masked_content="blur")
     with pytest.raises(engine.InvalidInputError, match="masked_content='noise' without mask_image"):
