@@ -16,6 +16,7 @@ from starlette.datastructures import UploadFile
 from .img2img import read_image, to_tensor
 from .schemas import InvalidRequest, OpenAIImageRequest
 
+ALPHA_MODES = ("RGBA", "LA")  # decoded PNGs with alpha (a palette PNG carries "transparency")
 LUMEN_FIELDS = ("prompt", "model", "n", "size", "response_format", "negative_prompt",
                 "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "seed", "sampler",
                 "cache_interval", "cache_branch_id")
@@ -37,8 +38,13 @@ async def edit_form(form, max_pixels: int) -> tuple[OpenAIImageRequest, Image.Im
         if mask.size != image.size:
             raise InvalidRequest("mask", f"mask is {mask.size[0]}x{mask.size[1]}; expected the "
                                          f"image's {image.size[0]}x{image.size[1]}")
-    elif image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+    elif image.mode in ALPHA_MODES or "transparency" in image.info:
         mask = alpha_mask(image, "image", required=False)
+    for field in ("control_image", "controlnet"):
+        if field in form:
+            raise InvalidRequest(field, f"{field} in an edits form; ControlNet takes "
+                                        "/v1/images/generations' control_image, or A1111's img2img "
+                                        "with alwayson_scripts.controlnet")
     fields = {k: v for k, v in form.multi_items() if k in LUMEN_FIELDS and isinstance(v, str)}
     fields.setdefault("size", f"{image.width}x{image.height}")
     try:
@@ -65,7 +71,7 @@ async def read_file(part, field: str, max_pixels: int) -> Image.Image:
 
 def alpha_mask(image: Image.Image, field: str, required: bool) -> Image.Image | None:
     """OpenAI's mask: fully transparent pixels are edited. As L: 255 edits, 0 keeps."""
-    if image.mode not in ("RGBA", "LA") and "transparency" not in image.info:
+    if image.mode not in ALPHA_MODES and "transparency" not in image.info:
         if required:
             raise InvalidRequest(field, f"{field} has no alpha channel ({image.mode}); expected a "
                                         "PNG whose fully transparent pixels mark where to edit")

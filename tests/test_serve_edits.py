@@ -107,6 +107,9 @@ BAD = [  # (files, form fields, status, the field the error names)
     ({}, {"size": "huge"}, 422, "size"),
     ({}, {"prompt": None}, 422, "prompt"),
     ({}, {"model": "dall-e-2"}, 422, "model"),
+    ({"control_image": ("c.png", png(Image.new("RGB", (32, 32))), "image/png")}, {}, 422,
+     "control_image"),  # ControlNet is the generations route's and A1111's, never ignored here
+    ({}, {"controlnet": "default"}, 422, "controlnet"),
     ({"image": ("big.png", b"\x89PNG" + b"0" * 70_000, "image/png")}, {}, 413, None),
 ]
 
