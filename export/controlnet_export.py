@@ -128,17 +128,12 @@ class OrtControlNet:
 
     def __init__(self, path: Path, config, *, device: torch.device, dtype: torch.dtype,
                  provider: str = "auto"):
-        from .ort_backend import check_dtype, import_onnxruntime, providers_for
+        from .ort_backend import make_session
 
-        ort = import_onnxruntime()
-        check_dtype(dtype)
         self.config, self.device, self.dtype = config, device, dtype
         self.input_names, self.output_names = names_of(config)
         self.shapes = residual_shapes(config)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), sess_options=options,
-                                            providers=providers_for(device, provider, None))
+        self.session = make_session(path, device, dtype, provider)
 
     def __call__(self, sample, timestep, encoder_hidden_states, controlnet_cond,
                  conditioning_scale=1.0, guess_mode: bool = False, added_cond_kwargs=None,
@@ -162,25 +157,12 @@ class OrtControlNet:
         return down, mid
 
     def _run(self, feeds: dict, sample: torch.Tensor) -> list[torch.Tensor]:
-        if self.device.type != "cuda":
-            arrays = {n: feeds[n].detach().to("cpu").contiguous().numpy() for n in self.input_names}
-            return [torch.from_numpy(o).to(sample.device) for o in self.session.run(
-                list(self.output_names), arrays)]
-        from .ort_backend import _NUMPY
+        from .ort_backend import run_session
 
-        binding = self.session.io_binding()
-        index = sample.device.index or 0
-        keep = {n: feeds[n].contiguous() for n in self.input_names}
-        for name, t in keep.items():
-            binding.bind_input(name, "cuda", index, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
         B, _, H, W = sample.shape
-        outs = [sample.new_empty(B, c, H // f, W // f) for c, f in self.shapes]
-        for name, out in zip(self.output_names, outs):
-            binding.bind_output(name, "cuda", index, _NUMPY[out.dtype], tuple(out.shape),
-                                out.data_ptr())
-        torch.cuda.current_stream(sample.device).synchronize()
-        self.session.run_with_iobinding(binding)
-        return outs
+        return run_session(self.session, {n: feeds[n] for n in self.input_names}, self.output_names,
+                           lambda: [sample.new_empty(B, c, H // f, W // f) for c, f in self.shapes],
+                           sample.device)
 
 
 def load_controlnet_runner(net, *, device, dtype: torch.dtype, cache_dir=None,

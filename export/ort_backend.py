@@ -63,19 +63,46 @@ def check_dtype(dtype: torch.dtype) -> None:
             f"use float16 or float32, or backend 'tensorrt' or 'torch'")
 
 
+def make_session(onnx_path: Path, device: torch.device, dtype: torch.dtype, provider: str = "auto",
+                 trt_cache_dir: Path | None = None):
+    """An InferenceSession of the graph at onnx_path on the device's providers, fully optimised."""
+    ort = import_onnxruntime()
+    check_dtype(dtype)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(onnx_path), sess_options=options,
+                                providers=providers_for(device, provider, trt_cache_dir))
+
+
+def run_session(session, feeds: dict[str, torch.Tensor], output_names: list[str], outputs_like,
+                device: torch.device) -> list[torch.Tensor]:
+    """The session's outputs for feeds, as tensors on device: a host round trip on CPU; on CUDA
+    the session reads the feeds and writes into outputs_like()'s tensors directly (IOBinding).
+    ORT runs on its own stream, so the inputs must be ready first (one sync per call); Run
+    returns once the outputs are written."""
+    if device.type != "cuda":
+        arrays = {name: t.detach().to("cpu").contiguous().numpy() for name, t in feeds.items()}
+        return [torch.from_numpy(o).to(device) for o in session.run(list(output_names), arrays)]
+    binding = session.io_binding()
+    index = device.index or 0
+    keep = {name: t.contiguous() for name, t in feeds.items()}
+    for name, t in keep.items():
+        binding.bind_input(name, "cuda", index, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
+    outs = outputs_like()
+    for name, out in zip(output_names, outs):
+        binding.bind_output(name, "cuda", index, _NUMPY[out.dtype], tuple(out.shape), out.data_ptr())
+    torch.cuda.current_stream(device).synchronize()
+    session.run_with_iobinding(binding)
+    return outs
+
+
 class OrtRunner:
     """One InferenceSession; host round trip on CPU, zero-copy IOBinding on CUDA."""
 
     def __init__(self, onnx_path: Path, signature: UNetSignature, *, device: torch.device,
                  dtype: torch.dtype, provider: str = "auto", trt_cache_dir: Path | None = None):
-        ort = import_onnxruntime()
-        check_dtype(dtype)
         self.signature, self.device, self.dtype = signature, device, dtype
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(onnx_path), sess_options=options,
-                                            providers=providers_for(device, provider,
-                                                                    trt_cache_dir))
+        self.session = make_session(onnx_path, device, dtype, provider, trt_cache_dir)
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor,
                  encoder_hidden_states: torch.Tensor, down=None, mid=None,
@@ -84,23 +111,6 @@ class OrtRunner:
         self.signature.check_call(sample, encoder_hidden_states, added, self.dtype)
         feeds = {"sample": sample, "timestep": timestep.to(torch.float32),
                  "encoder_hidden_states": encoder_hidden_states, **added}
-        if self.device.type == "cuda":
-            return self._run_bound(feeds, sample)
-        arrays = {name: t.detach().to("cpu").contiguous().numpy() for name, t in feeds.items()}
-        (out,) = self.session.run([OUTPUT], arrays)
-        return torch.from_numpy(out).to(sample.device)
-
-    def _run_bound(self, feeds: dict[str, torch.Tensor], sample: torch.Tensor) -> torch.Tensor:
-        # The session reads and writes torch memory directly. ORT runs on its own stream, so the
-        # inputs must be ready first (one sync per call); Run returns once the output is written.
-        binding = self.session.io_binding()
-        index = sample.device.index or 0
-        keep = {name: t.contiguous() for name, t in feeds.items()}
-        for name, t in keep.items():
-            binding.bind_input(name, "cuda", index, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
-        out = self.signature.output_like(sample)
-        binding.bind_output(OUTPUT, "cuda", index, _NUMPY[out.dtype], tuple(out.shape),
-                            out.data_ptr())
-        torch.cuda.current_stream(sample.device).synchronize()
-        self.session.run_with_iobinding(binding)
+        (out,) = run_session(self.session, feeds, [OUTPUT],
+                             lambda: [self.signature.output_like(sample)], sample.device)
         return out
