@@ -156,13 +156,29 @@ def used(control: dict) -> tuple[int, ...]:
     return tuple(sorted(int(k.removeprefix("image")) for k in control if k.startswith("image")))
 
 
-def run(net, sample, t, emb, added: dict, image, scale, guess_mode: bool) -> tuple[list, object]:
-    """One ControlNet's (down, mid) residuals over the rows of sample, scaled by `scale` (fp32:
-    0-dim, or [rows, 1, 1, 1] with a scale per row) after guess mode's own logspace weights, the
-    product rounded once to the residuals' dtype as diffusers' `sample * conditioning_scale` is."""
+def run(net, sample, t, emb, added: dict, image, scale, guess_mode) -> tuple[list, object]:
+    """One ControlNet's (down, mid) residuals over the rows of sample, each level weighted as
+    diffusers' ControlNetModel weights it (`level_weights`), the product taken in fp32 and
+    rounded once to the residuals' dtype as diffusers' `sample * scale` is. scale: fp32, 0-dim
+    or one per row; guess_mode: a bool, or [rows] fp32 1/0 (a step graph's rows differ)."""
     d, m = net(sample, t, encoder_hidden_states=emb, controlnet_cond=image, conditioning_scale=1.0,
-               guess_mode=guess_mode, added_cond_kwargs=added or None, return_dict=False)
-    return [(x * scale).to(x.dtype) for x in d], (m * scale).to(m.dtype)
+               guess_mode=False, added_cond_kwargs=added or None, return_dict=False)
+    weight = level_weights(net, len(d) + 1, scale, guess_mode)
+    return ([(x * weight[..., i].reshape(-1, 1, 1, 1)).to(x.dtype) for i, x in enumerate(d)],
+            (m * weight[..., -1].reshape(-1, 1, 1, 1)).to(m.dtype))
+
+
+def level_weights(net, levels: int, scale, guess_mode):
+    """[levels] (or [rows, levels]) fp32: the conditioning scale of each residual level, times
+    ControlNet's guess-mode weights (logspace from 0.1 to 1, shallowest first; none for a
+    ControlNet with global_pool_conditions), as ControlNetModel's step 6 computes them."""
+    logspace = torch.logspace(-1, 0, levels, device=scale.device)
+    if getattr(net.config, "global_pool_conditions", False):
+        guess_mode = False
+    if isinstance(guess_mode, bool):
+        factor = logspace if guess_mode else torch.ones_like(logspace)
+        return scale[..., None] * factor
+    return scale[:, None] * torch.where(guess_mode[:, None] > 0, logspace, torch.ones_like(logspace))
 
 
 def residuals(nets: tuple, sample, t, emb, added: dict, control: dict, k: int, cfg: bool,

@@ -140,7 +140,7 @@ def evaluate(engine, slots: list[Slot], graphs=None) -> list[bool]:
     ordered = [s for s in slots if s.cfg] + [s for s in slots if not s.cfg]
     x_in = [model_input(s) for s in ordered]
     inputs = StepInputs.gather(ordered, x_in)
-    if graphs is None or inputs.owners is not None:  # DeepCache's and ControlNet's calls run eagerly
+    if graphs is None or any(s.cache for s in slots):  # DeepCache's calls run eagerly
         x0, eps = model_step(engine, engine.runner, inputs)
     else:
         from .step_graphs import run_graphed
@@ -168,6 +168,7 @@ class StepInputs:
     phi: torch.Tensor  # [n] fp32 guidance rescale
     cond: torch.Tensor | None = None  # [n + n_cfg, 5, h, w] a 9-channel UNet's mask and masked image
     owners: list | None = None  # with DeepCache or ControlNet: per row, (its slot, the slot's row: 0 or 1)
+    control: dict | None = None  # ControlNet per row, for a step graph (dense_control's inputs)
 
     @classmethod
     def gather(cls, slots: list[Slot], x_in: list[torch.Tensor]) -> "StepInputs":
@@ -187,11 +188,42 @@ class StepInputs:
                    rows if any(s.cache or s.control for s in slots) else None)
 
     def args(self) -> tuple:
-        return (self.x, self.t, self.emb, self.added, self.a, self.s, self.w, self.phi, self.cond)
+        return (self.x, self.t, self.emb, self.added, self.a, self.s, self.w, self.phi, self.cond,
+                self.control)
+
+    def dense_control(self) -> dict | None:
+        """The ControlNet inputs of every row, for a call whose structure a step graph fixes:
+        per ControlNet j any row uses, "image{j}" [rows, 3, H, W] and "scale{j}", "guess{j}"
+        [rows] fp32. A row that does not use ControlNet j, and the unconditional row of a
+        guess-mode image, gets scale 0 (and a zero image): its residuals are zero. None
+        without ControlNet."""
+        if self.owners is None:
+            return None
+        used = sorted({j for s, _ in self.owners for j in used_nets(s)})
+        if not used:
+            return None
+        control = {}
+        for j in used:
+            like = next(s.control[f"image{j}"][:1] for s, _ in self.owners if j in used_nets(s))
+            images, scales, guess = [], [], []
+            for slot, row in self.owners:
+                on = j in used_nets(slot) and not (slot.guess_mode and slot.cfg and row == 0)
+                images.append(slot.control[f"image{j}"][:1] if on else torch.zeros_like(like))
+                scales.append(slot.control["scales"][slot.k, j] if on else torch.zeros(()))
+                guess.append(float(slot.guess_mode))
+            control[f"image{j}"] = torch.cat(images)
+            control[f"scale{j}"] = torch.stack([s.to(self.device) for s in scales])
+            control[f"guess{j}"] = torch.tensor(guess, device=self.device)
+        return control
 
     @property
     def device(self) -> torch.device:
         return self.x.device
+
+
+def used_nets(slot: Slot) -> tuple[int, ...]:
+    """The ControlNets a slot's image uses."""
+    return controlnet.used(slot.control)
 
 
 def model_step(engine, runner, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +236,10 @@ def model_step(engine, runner, inputs: StepInputs) -> tuple[torch.Tensor, torch.
     t_rows = torch.cat([t[:nc], t[:nc], t[nc:]])
     if not getattr(runner, "per_row_timesteps", False):
         t_rows = t_rows[0]  # calls() gave this call one timestep
-    residuals = control_call(engine, inputs, sample, t_rows) if inputs.owners else {}
+    if inputs.control is not None:  # a step graph's fixed structure: every row, every net used
+        residuals = dense_control_call(engine, inputs, sample, t_rows)
+    else:
+        residuals = control_call(engine, inputs, sample, t_rows) if inputs.owners else {}
     if inputs.cond is not None:  # a 9-channel inpainting UNet: [latents, mask, masked image]
         sample = torch.cat([sample, inputs.cond], dim=1)
     if inputs.owners is not None and any(s.cache for s, _ in inputs.owners):
@@ -241,14 +276,26 @@ def control_call(engine, inputs: StepInputs, sample, t_rows) -> dict:
         scale = torch.stack([slot.control["scales"][slot.k, j] for _, slot in members])
         t = t_rows[index] if t_rows.ndim else t_rows  # exported runners: one timestep a call
         d, m = controlnet.run(nets[j], sample[index], t, inputs.emb[index],
-                              {k: v[index] for k, v in inputs.added.items()}, image,
-                              scale.view(-1, 1, 1, 1), guess)
+                              {k: v[index] for k, v in inputs.added.items()}, image, scale, guess)
         if down is None:
             down = [x.new_zeros((sample.shape[0], *x.shape[1:])) for x in d]
             mid = m.new_zeros((sample.shape[0], *m.shape[1:]))
         for total, x in zip(down, d):
             total.index_add_(0, index, x)
         mid.index_add_(0, index, m)
+    return {"down": down, "mid": mid}
+
+
+def dense_control_call(engine, inputs: StepInputs, sample, t_rows) -> dict:
+    """control_call's residuals as one call per ControlNet over every row of the call, each row
+    weighted by its own scale (zero for a row that does not use the ControlNet): no grouping
+    on the host, so a step graph captures it. Equal to control_call's up to rounding."""
+    nets, control, down, mid = engine.control_runners, inputs.control, None, None
+    for j in sorted(int(k.removeprefix("image")) for k in control if k.startswith("image")):
+        d, m = controlnet.run(nets[j], sample, t_rows, inputs.emb, inputs.added, control[f"image{j}"],
+                              control[f"scale{j}"], control[f"guess{j}"])
+        down = d if down is None else [a + b for a, b in zip(down, d)]
+        mid = m if mid is None else mid + m
     return {"down": down, "mid": mid}
 
 

@@ -9,10 +9,15 @@ graph's static inputs; padded images hold finite filler (or an earlier image's v
 their outputs are dropped. Samples never mix inside the UNet or the fused launches, so padding
 changes no real image beyond the UNet's batch-size-dependent rounding.
 
+ControlNet rows replay too: the step runs each ControlNet the tick uses over every row, weighted
+by each row's own scale (zero where a row, or padding, does not use it), so the graph depends on
+which ControlNets run, not on which rows use them (StepInputs.dense_control).
+
 The sampler updates after the step stay eager: each image has its own sampler, and one graph
 per mix of samplers would multiply the captures. The whole-loop graph (engine.graphs) stays
 what `Engine.run` replays.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +54,7 @@ class StepKey:
     prediction_type: str
     kernels: str  # "triton" or "reference"
     cond: bool = False  # a 9-channel inpainting UNet's mask and masked-image rows
+    controlnets: tuple = ()  # the ControlNets any row uses: (index, control image shape) pairs
 
 
 def step_key(engine, inputs: StepInputs) -> StepKey:
@@ -58,7 +64,9 @@ def step_key(engine, inputs: StepInputs) -> StepKey:
                    tuple((k, tuple(v.shape[1:])) for k, v in sorted(inputs.added.items())),
                    str(engine.dtype).removeprefix("torch."), engine.backend,
                    engine.config.prediction_type,
-                   "triton" if kernels.use_triton(inputs.x) else "reference", inputs.cond is not None)
+                   "triton" if kernels.use_triton(inputs.x) else "reference", inputs.cond is not None,
+                   tuple((int(k.removeprefix("image")), tuple(v.shape[1:]))
+                         for k, v in sorted((inputs.control or {}).items()) if k.startswith("image")))
 
 
 def image_rows(n_cfg: int, n: int, key: StepKey) -> torch.Tensor:
@@ -82,10 +90,13 @@ def empty_inputs(inputs: StepInputs, key: StepKey) -> StepInputs:
 
     def full(t: torch.Tensor, value: float) -> torch.Tensor:
         return torch.full((n,), value, dtype=t.dtype, device=t.device)
+    control = None if inputs.control is None else {  # scale 0: a padded row gets no residual
+        k: zeros(v, rows) for k, v in inputs.control.items()}
     return StepInputs(key.cfg_images, zeros(inputs.x, n), zeros(inputs.t, n),
                       zeros(inputs.emb, rows), {k: zeros(v, rows) for k, v in inputs.added.items()},
                       full(inputs.a, 0.5**0.5), full(inputs.s, 0.5**0.5), full(inputs.w, 1.0),
-                      full(inputs.phi, 0.0), None if inputs.cond is None else zeros(inputs.cond, rows))
+                      full(inputs.phi, 0.0), None if inputs.cond is None else zeros(inputs.cond, rows),
+                      control=control)
 
 
 def load(static: StepInputs, inputs: StepInputs, key: StepKey) -> None:
@@ -100,18 +111,21 @@ def load(static: StepInputs, inputs: StepInputs, key: StepKey) -> None:
         static.cond.index_copy_(0, text, inputs.cond)
     for k, v in inputs.added.items():
         static.added[k].index_copy_(0, text, v)
+    for k, v in (inputs.control or {}).items():
+        static.control[k].index_copy_(0, text, v)
 
 
 def run_graphed(engine, graphs: GraphCache, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """model_step's (x0, eps) of the real images, from a replay of their bucket's graph."""
+    inputs = dataclasses.replace(inputs, control=inputs.dense_control(), owners=None)
     key = step_key(engine, inputs)
 
     def make_step():
         runner = graph_runner(engine.runner)
 
-        def step(x, t, emb, added, a, s, w, phi, cond):
-            return model_step(engine, runner,
-                              StepInputs(key.cfg_images, x, t, emb, added, a, s, w, phi, cond))
+        def step(x, t, emb, added, a, s, w, phi, cond, control):
+            return model_step(engine, runner, StepInputs(key.cfg_images, x, t, emb, added, a, s, w,
+                                                         phi, cond, control=control))
         return step
 
     def new_inputs() -> StepInputs:

@@ -80,6 +80,39 @@ def test_a_capture_is_reused_across_requests_of_one_bucket(eng):
     assert (graphs.captures, graphs.replays) == (1, 9)
 
 
+def test_controlnet_ticks_replay_step_graphs_and_give_every_image_its_alone_run():
+    """Images with the built-in ControlNet (own scales, a window, guess mode, CFG on and off)
+    and images without share ticks replayed from step graphs: one ControlNet call over every
+    row, each row weighted by its own scale (zero for the plain images and padding). Each image
+    equals its alone run (the scheduler's batch-size rounding on latents, 1e-4)."""
+    from lumen.benchmarks.controlnet import control_for
+    from lumen.engine.builtin.train_controlnet import control_images
+
+    eng = engine.build("default", controlnet="default")
+    prompt = "a red circle on a solid black background"
+    image = control_images(control_for(prompt, 1, 3))
+    cases = [dict(control_image=image, controlnet_conditioning_scale=0.7),
+             dict(num_inference_steps=4),
+             dict(control_image=image, guess_mode=True, num_inference_steps=6),
+             dict(control_image=image, control_guidance_start=0.3, guidance_scale=1.0),
+             dict(control_image=image, guess_mode=True, guidance_scale=1.0, num_inference_steps=3)]
+    requests = [{"num_inference_steps": 5, **c} for c in cases]
+    graphs = GraphCache(16, capture=capture_by_rerun)
+    batcher = Batcher(eng, max_batch=8, batch_wait_ms=300, output_type="latent", step_graphs=graphs)
+    try:
+        futures = [batcher.submit(Job.prepared(eng.prepare(
+            prompt, generator=torch.Generator().manual_seed(i), **kw))) for i, kw in enumerate(requests)]
+        results = [f.result(timeout=120) for f in futures]
+    finally:
+        batcher.stop()
+    assert graphs.replays == batcher.batches  # every tick replayed, ControlNet ones included
+    assert any(k.controlnets for k in graphs.keys()) and batcher.mean_batch_size > 2
+    for i, (kw, got) in enumerate(zip(requests, results)):
+        want = eng.run(prompt, generator=torch.Generator().manual_seed(i), output_type="latent",
+                       **kw).images
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device; the CPU tests above rerun "
                                      "the captured step instead of replaying a graph")
 def test_cuda_step_graphs_replay_like_the_eager_scheduler():
