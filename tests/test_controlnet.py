@@ -83,27 +83,31 @@ def test_matches_stable_diffusion_controlnet_pipeline(parts, count, kw):
     assert float((got - plain).abs().max()) > 1e-2  # the control changed the result
 
 
-@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
-def test_matches_the_controlnet_img2img_and_inpaint_pipelines(parts, mode):
-    """ControlNet with image-to-image and inpainting (a 4-channel UNet): diffusers'
-    StableDiffusionControlNetImg2ImgPipeline and ...InpaintPipeline, strength 0.75, 10 steps,
-    a scale and a window; the window counts the steps that run."""
+@pytest.mark.parametrize("mode,strength", [("img2img", 0.75), ("inpaint", 0.75), ("inpaint9", 0.75),
+                                           ("inpaint9", 1.0)])
+def test_matches_the_controlnet_img2img_and_inpaint_pipelines(parts, mode, strength):
+    """ControlNet with image-to-image and inpainting: diffusers'
+    StableDiffusionControlNetImg2ImgPipeline and ...InpaintPipeline, 10 steps, a scale and a
+    window (which counts the steps that run). "inpaint9": a 9-channel inpainting UNet, whose
+    ControlNet (4 input channels, as inpainting checkpoints pair with) sees the latents alone."""
     from diffusers import (StableDiffusionControlNetImg2ImgPipeline,
                            StableDiffusionControlNetInpaintPipeline)
 
     pipe, nets, _ = parts
+    if mode == "inpaint9":
+        pipe = make_tiny_pipeline(make_tiny_unet(seed=8, in_channels=9))
     g = torch.Generator().manual_seed(9)
     image, control = torch.rand(1, 3, 16, 16, generator=g), torch.rand(1, 3, 16, 16, generator=g)
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., 4:12, 2:10] = 1.0
-    extra = dict(mask_image=mask) if mode == "inpaint" else {}
-    cls = StableDiffusionControlNetInpaintPipeline if mode == "inpaint" else \
+    extra = dict(mask_image=mask) if mode != "img2img" else {}
+    cls = StableDiffusionControlNetInpaintPipeline if mode != "img2img" else \
         StableDiffusionControlNetImg2ImgPipeline
     theirs = cls(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                  unet=pipe.unet, controlnet=nets[0], scheduler=pipe.scheduler, safety_checker=None,
                  feature_extractor=None, requires_safety_checker=False)
     theirs.set_progress_bar_config(disable=True)
-    kw = dict(strength=0.75, num_inference_steps=10, guidance_scale=7.5,
+    kw = dict(strength=strength, num_inference_steps=10, guidance_scale=7.5,
               controlnet_conditioning_scale=0.8, control_guidance_start=0.1,
               control_guidance_end=0.8, output_type="latent", **extra)
     want = theirs(PROMPT, negative_prompt=NEGATIVE, image=image, control_image=control,
