@@ -10,6 +10,7 @@ import pytest
 from lumen.benchmarks import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
+BUDGET_S = 960  # the dry run's budget: the kernels stage's box is ~13% of it
 
 
 def gpu_check_run(out: Path, *args, hang: str | None = None) -> subprocess.CompletedProcess:
@@ -19,13 +20,15 @@ def gpu_check_run(out: Path, *args, hang: str | None = None) -> subprocess.Compl
         env[gpu_check.HANG_ENV] = hang
     return subprocess.run([sys.executable, "-m", "lumen.benchmarks.gpu_check", "--out", str(out),
                            "--dry-run", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=1200)
 
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
-    done = gpu_check_run(out, "--budget-s", "400")
+    # A cap, not the run's length (~80 s here): the kernels stage compiles its 171 sm_90 variants
+    # in ~60 s with a cold Triton cache (measured), so its share of 400 s (53 s) was too short
+    done = gpu_check_run(out, "--budget-s", str(BUDGET_S))
     report = json.loads((out / "gpu_check.json").read_text())
     return done, report, {s["name"]: s for s in report["stages"]}, out
 
@@ -34,7 +37,7 @@ def test_dry_run_passes_and_reports_every_stage_in_order(dry_run):
     done, report, stages, out = dry_run
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert [s["name"] for s in report["stages"]] == list(gpu_check.STAGE_NAMES)
-    assert report["budget_s"] == 400 and "--dry-run" in report["command"]
+    assert report["budget_s"] == BUDGET_S and "--dry-run" in report["command"]
     for s in report["stages"]:
         assert s["status"] in ("pass", "skip"), s
         assert set(s) >= {"name", "status", "seconds", "headline", "checks", "figures",
