@@ -203,17 +203,19 @@ class StepInputs:
         if not used:
             return None
         control = {}
-        for j in used:
+        for j in used:  # built from device tensors only: no host copy, no sync
             like = next(s.control[f"image{j}"][:1] for s, _ in self.owners if j in used_nets(s))
+            zero = like.new_zeros((), dtype=torch.float32)
+            one = zero + 1
             images, scales, guess = [], [], []
             for slot, row in self.owners:
                 on = j in used_nets(slot) and not (slot.guess_mode and slot.cfg and row == 0)
                 images.append(slot.control[f"image{j}"][:1] if on else torch.zeros_like(like))
-                scales.append(slot.control["scales"][slot.k, j] if on else torch.zeros(()))
-                guess.append(float(slot.guess_mode))
+                scales.append(slot.control["scales"][slot.k, j] if on else zero)
+                guess.append(one if slot.guess_mode else zero)
             control[f"image{j}"] = torch.cat(images)
-            control[f"scale{j}"] = torch.stack([s.to(self.device) for s in scales])
-            control[f"guess{j}"] = torch.tensor(guess, device=self.device)
+            control[f"scale{j}"] = torch.stack(scales)
+            control[f"guess{j}"] = torch.stack(guess)
         return control
 
     @property
