@@ -21,6 +21,7 @@ import threading
 import torch
 
 from .errors import InvalidInputError
+from .samplers import evaluation_steps
 
 def check(unet, branch_id: int) -> None:
     """Refuse a UNet DeepCache can't split and a branch it lacks (the interval is the caller's)."""
@@ -42,8 +43,6 @@ def largest_branch(unet) -> int:
 def schedule(plan, interval: int) -> tuple[bool, ...]:
     """DeepCache's uniform schedule: per evaluation point of a run, whether it runs the whole
     UNet (every interval-th step, the first included; Heun's corrector shares its step's)."""
-    from .samplers import evaluation_steps
-
     return tuple(step % interval == 0 for step in evaluation_steps(plan))
 
 

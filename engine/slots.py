@@ -193,39 +193,36 @@ class StepInputs:
 
     def dense_control(self) -> dict | None:
         """The ControlNet inputs of every row, for a call whose structure a step graph fixes:
-        per ControlNet j any row uses, "image{j}" [rows, 3, H, W] and "scale{j}", "guess{j}"
-        [rows] fp32. A row that does not use ControlNet j, and the unconditional row of a
-        guess-mode image, gets scale 0 (and a zero image): its residuals are zero. None
-        without ControlNet."""
+        per ControlNet j any row uses, "image{j}" [rows, 3, H, W] and "scale{j}" [rows] fp32;
+        "guess" [rows] fp32, 1 for the rows of guess-mode images. A row that does not use
+        ControlNet j, and the unconditional row of a guess-mode image, gets scale 0 (and a zero
+        image): its residuals are zero. None without ControlNet. Built from device tensors
+        only: no host copy, no sync."""
         if self.owners is None:
             return None
-        used = sorted({j for s, _ in self.owners for j in used_nets(s)})
+        uses = [controlnet.used(slot.control) for slot, _ in self.owners]
+        used = sorted({j for js in uses for j in js})
         if not used:
             return None
-        control = {}
-        for j in used:  # built from device tensors only: no host copy, no sync
-            like = next(s.control[f"image{j}"][:1] for s, _ in self.owners if j in used_nets(s))
-            zero = like.new_zeros((), dtype=torch.float32)
-            one = zero + 1
-            images, scales, guess = [], [], []
-            for slot, row in self.owners:
-                on = j in used_nets(slot) and not (slot.guess_mode and slot.cfg and row == 0)
-                images.append(slot.control[f"image{j}"][:1] if on else torch.zeros_like(like))
+        some = next(slot for (slot, _), js in zip(self.owners, uses) if js)
+        zero = some.control["scales"].new_zeros(())
+        control = {"guess": torch.stack([zero + 1 if slot.guess_mode else zero
+                                         for slot, _ in self.owners])}
+        for j in used:
+            blank = torch.zeros_like(next(slot.control[f"image{j}"][:1]
+                                          for (slot, _), js in zip(self.owners, uses) if j in js))
+            images, scales = [], []
+            for (slot, row), js in zip(self.owners, uses):
+                on = j in js and not (slot.guess_mode and slot.cfg and row == 0)
+                images.append(slot.control[f"image{j}"][:1] if on else blank)
                 scales.append(slot.control["scales"][slot.k, j] if on else zero)
-                guess.append(one if slot.guess_mode else zero)
             control[f"image{j}"] = torch.cat(images)
             control[f"scale{j}"] = torch.stack(scales)
-            control[f"guess{j}"] = torch.stack(guess)
         return control
 
     @property
     def device(self) -> torch.device:
         return self.x.device
-
-
-def used_nets(slot: Slot) -> tuple[int, ...]:
-    """The ControlNets a slot's image uses."""
-    return controlnet.used(slot.control)
 
 
 def model_step(engine, runner, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,10 +261,9 @@ def control_call(engine, inputs: StepInputs, sample, t_rows) -> dict:
     own evaluation point), summed into zeros for every row; {} when no row uses one."""
     groups: dict = {}  # (ControlNet j, guess mode) -> [(row, slot)]
     for r, (slot, j_row) in enumerate(inputs.owners):
-        if slot.control and (not slot.guess_mode or not slot.cfg or j_row == 1):
-            for key in slot.control:
-                if key != "scales":
-                    groups.setdefault((int(key.removeprefix("image")), slot.guess_mode), []).append((r, slot))
+        if not slot.guess_mode or not slot.cfg or j_row == 1:  # guess mode: conditional rows only
+            for j in controlnet.used(slot.control):
+                groups.setdefault((j, slot.guess_mode), []).append((r, slot))
     if not groups:
         return {}
     nets, down, mid = engine.control_runners, None, None
@@ -293,9 +289,9 @@ def dense_control_call(engine, inputs: StepInputs, sample, t_rows) -> dict:
     weighted by its own scale (zero for a row that does not use the ControlNet): no grouping
     on the host, so a step graph captures it. Equal to control_call's up to rounding."""
     nets, control, down, mid = engine.control_runners, inputs.control, None, None
-    for j in sorted(int(k.removeprefix("image")) for k in control if k.startswith("image")):
+    for j in controlnet.used(control):
         d, m = controlnet.run(nets[j], sample, t_rows, inputs.emb, inputs.added, control[f"image{j}"],
-                              control[f"scale{j}"], control[f"guess{j}"])
+                              control[f"scale{j}"], control["guess"])
         down = d if down is None else [a + b for a, b in zip(down, d)]
         mid = m if mid is None else mid + m
     return {"down": down, "mid": mid}

@@ -123,8 +123,9 @@ def export_cached(net, cache: ArtifactCache, *, dtype: torch.dtype,
 
 
 class OrtControlNet:
-    """A ControlNet on onnxruntime, called as diffusers' ControlNetModel is (the engine's
-    residuals() and the step scheduler call it so); `config` is the module's."""
+    """A ControlNet on onnxruntime, called as diffusers' ControlNetModel is at scale 1 without
+    guess mode (controlnet.run calls every ControlNet so, then weights the residual levels);
+    `config` is the module's."""
 
     def __init__(self, path: Path, config, *, device: torch.device, dtype: torch.dtype,
                  provider: str = "auto"):
@@ -144,17 +145,12 @@ class OrtControlNet:
         feeds = {"sample": sample, "timestep": timestep.to(torch.float32),
                  "encoder_hidden_states": encoder_hidden_states,
                  "controlnet_cond": controlnet_cond.to(self.dtype), **(added_cond_kwargs or {})}
-        outs = self._run(feeds, sample)
-        down, mid = outs[:-1], outs[-1]
-        # ControlNetModel's step 6, scaling, after a graph run at scale 1
-        if guess_mode and not self.config.global_pool_conditions:
-            scales = torch.logspace(-1, 0, len(down) + 1, device=sample.device) * conditioning_scale
-            down = [d * s for d, s in zip(down, scales)]
-            mid = mid * scales[-1]
-        else:
-            down = [d * conditioning_scale for d in down]
-            mid = mid * conditioning_scale
-        return down, mid
+        if guess_mode or not isinstance(conditioning_scale, (int, float)) or conditioning_scale != 1:
+            raise InvalidInputError(f"conditioning_scale={conditioning_scale!r}, guess_mode="
+                                    f"{guess_mode!r} on an exported ControlNet; expected 1.0 and "
+                                    "False: controlnet.run weights the residual levels")
+        outs = self._run(feeds, sample)  # the graph: ControlNetModel at scale 1, no guess mode
+        return outs[:-1], outs[-1]
 
     def _run(self, feeds: dict, sample: torch.Tensor) -> list[torch.Tensor]:
         from .ort_backend import run_session

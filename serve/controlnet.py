@@ -130,6 +130,7 @@ def openai_control(body, nets: ControlNets, size: tuple[int, int],
         raise InvalidRequest("control_image", f"{len(data)} control images for {len(names)} "
                                               f"ControlNets ({', '.join(names) or 'none loaded'}); "
                                               "expected one per ControlNet (name them in controlnet)")
+    values = [per_name(body, field, len(names)) for field in UNIT_NAMES]
     units, images = [], []
     for k, (name, item) in enumerate(zip(names, data)):
         if item is None:
@@ -137,7 +138,7 @@ def openai_control(body, nets: ControlNets, size: tuple[int, int],
         j = nets.unit(name, "controlnet" if len(names) == 1 else f"controlnet[{k}]", units)
         param = "control_image" if len(data) == 1 else f"control_image[{k}]"
         images.append(to_tensor(resize(decode_image(item, param, max_pixels), size, "crop")))
-        units.append(checked(j, *(per_name(body, field, len(names))[k] for field in UNIT_NAMES)))
+        units.append(checked(j, *(v[k] for v in values)))
     if not units:
         return None, ()
     return Control(tuple(units), bool(body.guess_mode), tuple(nets.names[u[0]] for u in units)), \
