@@ -209,10 +209,9 @@ def controlnet_loop(setup: Setup, runner, graph: bool):
     r = setup.request
     n, _, h, w = r["x_T"].shape
     g = torch.Generator().manual_seed(2)
-    image = torch.rand(n, 3, h * f, w * f, generator=g).to(setup.device, setup.dtype)
-    evaluations = len(r["dp"].timesteps)
-    control = {"image0": torch.cat([image, image]) if r["cfg"] else image,
-               "scales": torch.ones(evaluations, 1, device=setup.device)}
+    image = torch.rand(n, 3, h * f, w * f, generator=g)
+    scales = torch.ones(len(r["dp"].timesteps), 1)  # [evaluations, ControlNets]
+    control = eng._control(image, scales, False, r["x_T"].shape, r["cfg"])  # as Engine.prepare lays it out
     request = {**r, "control": control, "guess_mode": False}
 
     def loop():

@@ -271,6 +271,11 @@ def graph_runner(runner):
     return for_graph() if for_graph is not None else runner
 
 
+def graph_runners(runners: tuple) -> tuple:
+    """graph_runner of each runner (the ControlNets')."""
+    return tuple(graph_runner(r) for r in runners)
+
+
 def resolve_mode(cuda_graph, device: torch.device, backend: str) -> bool:
     """Whether the engine replays captured loops; CPU is a no-op that says so once."""
     if not (isinstance(cuda_graph, bool) or cuda_graph == "auto"):

@@ -10,7 +10,7 @@ from lumen import kernels
 from . import controlnet, deepcache, images, samplers
 from .config import SamplerConfig
 from .errors import BackendUnavailableError, InvalidInputError, InvalidTypeError
-from .graphs import GraphCache, GraphKey, graph_runner, inpaint_kind, resolve_mode
+from .graphs import GraphCache, GraphKey, graph_runner, graph_runners, inpaint_kind, resolve_mode
 from .models import Components, load_components
 from .output import OUTPUT_TYPES, decode, set_vae_options
 from .prompts import added_conditioning, embed_prompts, time_ids
@@ -33,7 +33,8 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
     that replaces the model at the pure-noise end (docs/math.md#singdiffusions-initial-step).
     backend_options: for torch, {"compile": True or a torch.compile mode}; for onnxruntime and
     tensorrt, keyword arguments of export.load_runner (cache_dir, min_shape/opt_shape/max_shape
-    as latent (batch, h, w), exporter, provider).
+    as latent (batch, h, w), exporter, provider, optimization_level); ControlNets are exported
+    beside the UNet (TensorRT: an engine each, for the UNet's profile with batches from 1).
     cuda_graph: "auto" (on with CUDA and the torch or tensorrt backend), True or False; each
     request shape is captured once and replayed (engine.graphs), up to graph_cache_size shapes.
     vae_slicing / vae_tiling: decode a batch one image at a time / a large image in tiles,
@@ -64,16 +65,23 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
     set_vae_options(components.vae, vae_slicing, vae_tiling)
     config = sampler_config(scheduler, components.scheduler_config)
     control = bool(components.controlnets) and backend != "torch"
+    if control and dtype == torch.bfloat16:  # before minutes of UNet export
+        raise InvalidInputError(f"dtype=torch.bfloat16 with a ControlNet on backend {backend!r}: "
+                                "the ControlNet exports with TorchScript, which has no bfloat16 "
+                                "Conv; use dtype float16 or float32, or backend 'torch'")
     runner = unet_runner(components.unet, backend, device, dtype,
                          {**options, "residuals": True} if control else options, compile_mode,
                          components.loras)
-    control_runners = None  # TensorRT: the ControlNet modules run in torch beside the UNet engine
-    if control and backend == "onnxruntime":  # exported ControlNets beside the exported UNet
+    control_runners = None  # torch: the ControlNet modules themselves
+    if control:  # exported ControlNets (TensorRT: engines for the UNet's profile) beside the UNet
         from lumen.export.controlnet_export import load_controlnet_runner
 
-        keep = {k: v for k, v in options.items() if k in ("cache_dir", "provider")}
-        control_runners = tuple(load_controlnet_runner(net, device=device, dtype=dtype, **keep)
-                                for net in components.controlnets)
+        keep = {k: v for k, v in options.items()
+                if k in ("cache_dir", "provider", "optimization_level")}
+        control_runners = tuple(
+            load_controlnet_runner(net, backend, device=device, dtype=dtype,
+                                   profile=getattr(runner, "profile", None), **keep)
+            for net in components.controlnets)
     return Engine(components, config, runner, device, dtype, backend, use_graphs, cache,
                   control_runners)
 
@@ -365,18 +373,18 @@ class Engine:
 
     def _graph_loop(self, cfg: bool, cache: tuple | None = None, guess_mode: bool = False):
         """The loop to capture for one key; a runner that needs per-graph state gets its own."""
-        runner = graph_runner(self.runner)
+        runner, nets = graph_runner(self.runner), graph_runners(self.control_runners)
 
         def loop(emb, x_T, noise, dp, w, phi, added, inpaint, control):
             return self.loop(emb, x_T, noise, dp, w, phi, added, cfg, runner=runner, inpaint=inpaint,
-                             cache=cache, control=control, guess_mode=guess_mode)
+                             cache=cache, control=control, guess_mode=guess_mode, nets=nets)
         return loop
 
     @torch.inference_mode()
     def loop(self, emb, x_T, noise, dp: samplers.DevicePlan, w: torch.Tensor, phi: torch.Tensor,
              added: dict, cfg: bool, callback=None, runner=None,
              inpaint: dict | None = None, cache: tuple | None = None, control: dict | None = None,
-             guess_mode: bool = False) -> torch.Tensor:
+             guess_mode: bool = False, nets: tuple | None = None) -> torch.Tensor:
         """The sampling loop from x_T to x0 (fp32); every input is already on the device.
 
         emb: [2N or N, L, D] ([negative, positive] when cfg); x_T: [N, C, h, w];
@@ -388,12 +396,13 @@ class Engine:
         and masked-image latents a 9-channel UNet sees beside x), or {"mask", "x0", "eps"}
         [N, ., h, w] (the kept region of any other model follows x0 noised with eps), or {}.
         control: ControlNet's control images and per-evaluation scales (Engine._control), or {}.
+        nets: the ControlNet runners (default the engine's; a captured graph may hold its own).
         """
         prediction_type, dtype = self.config.prediction_type, self.dtype
         runner = runner if runner is not None else self.runner
         inpaint = inpaint or {}
         cond = inpaint.get("cond")
-        control, nets = control or {}, self.control_runners
+        control, nets = control or {}, nets if nets is not None else self.control_runners
         switch = None  # DeepCache's, when the run uses it (set below)
         full = None if cache is None else deepcache.schedule(dp.plan, cache[0])  # per evaluation
 

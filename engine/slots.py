@@ -225,10 +225,12 @@ class StepInputs:
         return self.x.device
 
 
-def model_step(engine, runner, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+def model_step(engine, runner, inputs: StepInputs, nets: tuple | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, eps) [n, C, h, w] fp32: the UNet call over every row, then CFG + rescale and the
     x0/eps conversion as one fused launch per group, with per-sample scalars. No host sync, so
-    a step graph captures it (engine.step_graphs)."""
+    a step graph captures it (engine.step_graphs). nets: the ControlNet runners (default the
+    engine's; a step graph holds its own)."""
     nc, x, t = inputs.n_cfg, inputs.x, inputs.t
     x_in = x.to(engine.dtype)
     sample = torch.cat([x_in[:nc], x_in[:nc], x_in[nc:]])
@@ -236,7 +238,7 @@ def model_step(engine, runner, inputs: StepInputs) -> tuple[torch.Tensor, torch.
     if not getattr(runner, "per_row_timesteps", False):
         t_rows = t_rows[0]  # calls() gave this call one timestep
     if inputs.control is not None:  # a step graph's fixed structure: every row, every net used
-        residuals = dense_control_call(engine, inputs, sample, t_rows)
+        residuals = dense_control_call(engine, inputs, sample, t_rows, nets)
     else:
         residuals = control_call(engine, inputs, sample, t_rows) if inputs.owners else {}
     if inputs.cond is not None:  # a 9-channel inpainting UNet: [latents, mask, masked image]
@@ -284,11 +286,13 @@ def control_call(engine, inputs: StepInputs, sample, t_rows) -> dict:
     return {"down": down, "mid": mid}
 
 
-def dense_control_call(engine, inputs: StepInputs, sample, t_rows) -> dict:
+def dense_control_call(engine, inputs: StepInputs, sample, t_rows,
+                       nets: tuple | None = None) -> dict:
     """control_call's residuals as one call per ControlNet over every row of the call, each row
     weighted by its own scale (zero for a row that does not use the ControlNet): no grouping
     on the host, so a step graph captures it. Equal to control_call's up to rounding."""
-    nets, control, down, mid = engine.control_runners, inputs.control, None, None
+    nets = nets if nets is not None else engine.control_runners
+    control, down, mid = inputs.control, None, None
     for j in controlnet.used(control):
         d, m = controlnet.run(nets[j], sample, t_rows, inputs.emb, inputs.added, control[f"image{j}"],
                               control[f"scale{j}"], control["guess"])

@@ -24,7 +24,7 @@ import torch
 
 from lumen import kernels
 
-from .graphs import GraphCache, graph_runner
+from .graphs import GraphCache, graph_runner, graph_runners
 from .slots import StepInputs, model_step
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -121,11 +121,11 @@ def run_graphed(engine, graphs: GraphCache, inputs: StepInputs) -> tuple[torch.T
     key = step_key(engine, inputs)
 
     def make_step():
-        runner = graph_runner(engine.runner)
+        runner, nets = graph_runner(engine.runner), graph_runners(engine.control_runners)
 
         def step(x, t, emb, added, a, s, w, phi, cond, control):
             return model_step(engine, runner, StepInputs(key.cfg_images, x, t, emb, added, a, s, w,
-                                                         phi, cond, control=control))
+                                                         phi, cond, control=control), nets)
         return step
 
     def new_inputs() -> StepInputs:

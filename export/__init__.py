@@ -81,7 +81,7 @@ def load_runner(unet: torch.nn.Module, backend: str, *, device: str | torch.devi
                 min_shape: Shape | None = None, opt_shape: Shape | None = None,
                 max_shape: Shape | None = None, exporter: str = "torchscript",
                 provider: str = "auto", progress: Progress | None = None,
-                loras: tuple = (), residuals: bool = False) -> Runner:
+                loras: tuple = (), residuals: bool = False, optimization_level: int = 3) -> Runner:
     """A runner for backend, exporting/building on a cache miss.
 
     Shapes are latent (batch, height, width). For TensorRT they are the optimization profile;
@@ -89,6 +89,7 @@ def load_runner(unet: torch.nn.Module, backend: str, *, device: str | torch.devi
     onnxruntime's execution provider: auto (CPU or CUDA by device), cpu, cuda or tensorrt.
     loras: provenance of LoRAs fused into unet (engine.lora), kept in the cache key.
     residuals: the UNet takes ControlNet residuals (down=, mid=; zeros when not given).
+    optimization_level: the TensorRT builder's (0-5).
     """
     device = torch.device(device)
     if backend == "onnxruntime":
@@ -98,7 +99,8 @@ def load_runner(unet: torch.nn.Module, backend: str, *, device: str | torch.devi
         providers_for(device, provider, None)
     artifact = build(unet, backend, device=device, dtype=dtype, cache_dir=cache_dir,
                      min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
-                     exporter=exporter, progress=progress, loras=loras, residuals=residuals)
+                     exporter=exporter, progress=progress, loras=loras, residuals=residuals,
+                     optimization_level=optimization_level)
     if backend == "onnxruntime":
         from .ort_backend import OrtRunner
 

@@ -1,4 +1,4 @@
-"""`lumen build MODEL --backend onnxruntime|tensorrt --min/--opt/--max BxHxW`.
+"""`lumen build MODEL --backend onnxruntime|tensorrt --min/--opt/--max BxHxW [--controlnet ...]`.
 
 Shapes on the command line are image pixels (batch x height x width), divided by the VAE's scale
 factor (the model's VAE, or 1 for a pixel-space model) into the latent profile the engine is built for.
@@ -12,6 +12,7 @@ from lumen.engine.cli import add_lora_argument
 from lumen.engine.errors import InvalidInputError
 
 from . import BACKENDS, build
+from .controlnet_export import build_controlnet
 from .onnx_export import DTYPES, EXPORTERS
 from .progress import Progress
 
@@ -43,6 +44,10 @@ def add_build_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", type=Path,
                         help="artifact cache (default $LUMEN_CACHE_DIR or ~/.cache/lumen)")
     add_lora_argument(parser)
+    parser.add_argument("--controlnet", nargs="+", default=None, metavar="FOLDER",
+                        help="local ControlNet folders: the UNet is built with residual inputs "
+                             "and each ControlNet beside it, as engine.build(controlnet=...) "
+                             "builds them (a model folder with a controlnet/ brings its own)")
     parser.set_defaults(func=run_build)
     return parser
 
@@ -57,19 +62,30 @@ def run_build(args: argparse.Namespace) -> int:
 
     with progress.phase(f"loading {args.model}"):
         # built-in names and local folders, never a hub; LoRAs fused as engine.build fuses them
-        components = load_components(args.model, lora=args.lora)
+        components = load_components(args.model, lora=args.lora, controlnet=args.controlnet)
     latent = {name: to_latent(getattr(args, name), components.vae_scale_factor)
               for name in ("min", "opt", "max")}
-    unet = components.unet.to(DTYPES[args.dtype]).eval()
-    artifact = build(unet, args.backend, device=args.device, dtype=DTYPES[args.dtype],
+    dtype = DTYPES[args.dtype]
+    if components.controlnets and dtype == torch.bfloat16:
+        raise InvalidInputError("--dtype bfloat16 with a ControlNet: the ControlNet exports with "
+                                "TorchScript, which has no bfloat16 Conv; use float16 or float32")
+    unet = components.unet.to(dtype).eval()
+    artifact = build(unet, args.backend, device=args.device, dtype=dtype,
                      cache_dir=args.cache_dir, min_shape=latent["min"],
                      opt_shape=latent["opt"], max_shape=latent["max"], exporter=args.exporter,
                      optimization_level=args.optimization_level, progress=progress,
-                     loras=components.loras)
+                     loras=components.loras, residuals=bool(components.controlnets))
     state = "cache hit" if artifact.cache_hit else "built"
     progress.note(f"{args.backend} artifact ({state}): {artifact.path}")
     progress.note(f"entry size: {artifact.bytes / 2**20:.1f} MiB; "
                   f"profile: {artifact.profile.describe()}")
+    for j, net in enumerate(components.controlnets):
+        control = build_controlnet(net.to(dtype).eval(), args.backend, device=args.device,
+                                   dtype=dtype, cache_dir=args.cache_dir,
+                                   profile=artifact.profile,
+                                   optimization_level=args.optimization_level, progress=progress)
+        state = "cache hit" if control.cache_hit else "built"
+        progress.note(f"ControlNet {j} {args.backend} artifact ({state}): {control.path}")
     return 0
 
 

@@ -54,7 +54,7 @@ class UNetSignature:
             time_dim = 6  # SDXL: original size, crop top-left, target size
             text_dim = config.projection_class_embeddings_input_dim - time_dim * config.addition_time_embed_dim
         return cls(config.in_channels, cross, 2 ** (len(config.block_out_channels) - 1),
-                   text_dim, time_dim, config.out_channels,
+                   text_dim, time_dim, getattr(config, "out_channels", 0) or 0,  # a ControlNet has none
                    residual_shapes(config) if residuals else ())
 
     def output_like(self, sample: torch.Tensor) -> torch.Tensor:
@@ -99,21 +99,29 @@ class UNetSignature:
         return {name: sample.new_zeros(B, c, H // f, W // f)
                 for name, (c, f) in zip(self.residual_names, self.residuals)}
 
+    def input_shapes(self, batch: int, height: int, width: int, seq: int) -> dict[str, tuple[int, ...]]:
+        """Every input's full shape but the 0-dim timestep's, for latents [batch, ., height, width]
+        and seq text tokens: what a TensorRT profile sets (trt_backend.Profile)."""
+        shapes = {"sample": (batch, self.in_channels, height, width),
+                  "encoder_hidden_states": (batch, seq, self.cross_attention_dim)}
+        if self.text_embeds_dim is not None and self.time_ids_dim is not None:
+            shapes["text_embeds"] = (batch, self.text_embeds_dim)
+            shapes["time_ids"] = (batch, self.time_ids_dim)
+        for name, (c, f) in zip(self.residual_names, self.residuals):  # ControlNet's
+            shapes[name] = (batch, c, height // f, width // f)
+        return shapes
+
     def example(self, dtype: torch.dtype, batch: int = 2, height: int | None = None,
                 width: int | None = None, seq_len: int = 77) -> dict[str, torch.Tensor]:
-        """Random inputs of the right shapes: sample [B, C, H, W], timestep [], ehs [B, S, D]."""
-        height = height or 2 * self.multiple
-        width = width or 2 * self.multiple
-        inputs = {"sample": torch.randn(batch, self.in_channels, height, width, dtype=dtype),
-                  "timestep": torch.tensor(999.0),
-                  "encoder_hidden_states": torch.randn(batch, seq_len, self.cross_attention_dim,
-                                                       dtype=dtype)}
-        if self.text_embeds_dim is not None:
-            inputs["text_embeds"] = torch.randn(batch, self.text_embeds_dim, dtype=dtype)
+        """Random inputs of the right shapes, in input_names order: sample [B, C, H, W],
+        timestep [], ehs [B, S, D], SDXL's text_embeds and time_ids, the residuals."""
+        shapes = self.input_shapes(batch, height or 2 * self.multiple, width or 2 * self.multiple,
+                                   seq_len)
+        inputs = {name: torch.randn(shape, dtype=dtype) for name, shape in shapes.items()}
+        inputs["timestep"] = torch.tensor(999.0)
+        if "time_ids" in inputs:  # original size, crop top-left, target size
             inputs["time_ids"] = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * batch, dtype=dtype)
-        for name, (c, f) in zip(self.residual_names, self.residuals):
-            inputs[name] = torch.randn(batch, c, height // f, width // f, dtype=dtype)
-        return inputs
+        return {name: inputs[name] for name in self.input_names}
 
     def check_call(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor,
                    added: dict[str, torch.Tensor], dtype: torch.dtype) -> None:

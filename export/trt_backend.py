@@ -4,22 +4,33 @@ One code path for TensorRT 10.x and 11.x: networks are strongly typed (precision
 ONNX graph, exported in the target dtype), so no FP16/BF16 builder flags, which 11.x removed.
 10.x needs NetworkDefinitionCreationFlag.STRONGLY_TYPED; 11.x accepts and ignores it.
 """
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import torch
 
 from lumen.engine.errors import BackendUnavailableError, InvalidInputError, LumenError
 
 from .cache import ArtifactCache, CacheWarning, atomic_write_bytes
+from .controlnet_export import ExportedControlNet
 from .onnx_export import OUTPUT, UNetSignature, check_latent_size
 from .progress import Progress
 
 PLAN_FILE = "unet.plan"
+CONTROL_PLAN_FILE = "controlnet.plan"
 Shape = tuple[int, int, int]  # (batch, latent height, latent width)
+
+
+class Signature(Protocol):
+    """A graph's inputs as a profile sets them (onnx_export.UNetSignature, a ControlNet's
+    controlnet_export.ControlSignature): every dynamic input's full shape at one latent size."""
+
+    def input_shapes(self, batch: int, height: int, width: int,
+                     seq: int) -> dict[str, tuple[int, ...]]: ...
 
 
 class EngineBuildError(LumenError, RuntimeError):
@@ -89,20 +100,10 @@ class Profile:
         return (f"batch {b0}..{b1}, latent {h0}x{w0}..{h1}x{w1}, "
                 f"sequence {self.seq[0]}..{self.seq[2]}")
 
-    def input_shapes(self, sig: UNetSignature) -> dict[str, tuple[tuple[int, ...], ...]]:
+    def input_shapes(self, sig: Signature) -> dict[str, tuple[tuple[int, ...], ...]]:
         """Input name -> (min, opt, max) full shapes; the 0-dim timestep is static."""
-        def per_input(bhw: Shape, seq: int) -> dict[str, tuple[int, ...]]:
-            batch, height, width = bhw
-            shapes = {"sample": (batch, sig.in_channels, height, width),
-                      "encoder_hidden_states": (batch, seq, sig.cross_attention_dim)}
-            if sig.text_embeds_dim is not None and sig.time_ids_dim is not None:
-                shapes["text_embeds"] = (batch, sig.text_embeds_dim)
-                shapes["time_ids"] = (batch, sig.time_ids_dim)
-            for name, (c, f) in zip(sig.residual_names, sig.residuals):  # ControlNet's
-                shapes[name] = (batch, c, height // f, width // f)
-            return shapes
-
-        levels = [per_input(s, q) for s, q in zip((self.min, self.opt, self.max), self.seq)]
+        levels = [sig.input_shapes(*bhw, seq)
+                  for bhw, seq in zip((self.min, self.opt, self.max), self.seq)]
         return {name: tuple(level[name] for level in levels) for name in levels[0]}
 
 
@@ -113,7 +114,7 @@ def network_flags() -> int:
     return 0 if flag is None else 1 << int(flag)
 
 
-def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, sig: UNetSignature, *,
+def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, sig: Signature, *,
                  optimization_level: int = 3, timing_cache: Path | None = None,
                  progress: Progress | None = None) -> None:
     """Parse onnx_path, build a strongly typed engine for profile, write plan_path."""
@@ -200,8 +201,9 @@ def trt_key_fields(onnx_sha256: str, profile: Profile, device: torch.device,
 
 
 def build_cached(onnx_path: Path, onnx_sha256: str, cache: ArtifactCache, profile: Profile,
-                 sig: UNetSignature, *, device: torch.device, optimization_level: int = 3,
-                 progress: Progress | None = None) -> tuple[Path, bool]:
+                 sig: Signature, *, device: torch.device, optimization_level: int = 3,
+                 progress: Progress | None = None,
+                 plan_file: str = PLAN_FILE) -> tuple[Path, bool]:
     """(path of the cached plan, cache hit); builds on a miss, sharing one timing cache."""
     fields = trt_key_fields(onnx_sha256, profile, device, optimization_level)
     timing = cache.root / f"timing-{fields['tensorrt']}-sm{fields['compute_capability']}.cache"
@@ -209,23 +211,25 @@ def build_cached(onnx_path: Path, onnx_sha256: str, cache: ArtifactCache, profil
 
     def build(staging: Path) -> None:
         with phase(f"building TensorRT engine ({profile.describe()})"), torch.cuda.device(device):
-            build_engine(onnx_path, staging / PLAN_FILE, profile, sig,
+            build_engine(onnx_path, staging / plan_file, profile, sig,
                          optimization_level=optimization_level, timing_cache=timing,
                          progress=progress)
 
     entry, hit = cache.get_or_build(fields, build)
-    return entry / PLAN_FILE, hit
+    return entry / plan_file, hit
 
 
-class TrtRunner:
-    """Deserialized engine + one execution context; enqueues on the current torch stream."""
+class TrtEngine:
+    """A deserialized plan and one execution context for eager calls, enqueued on the current
+    torch stream. A lock makes each call's bind + enqueue one step, so threads sharing the
+    engine never enqueue with each other's shapes or addresses."""
 
-    def __init__(self, plan_path: Path, profile: Profile, sig: UNetSignature,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(self, plan_path: Path, profile: Profile, device: torch.device,
+                 dtype: torch.dtype, outputs: tuple[str, ...]):
         check_available(device)
         import tensorrt as trt
 
-        self.profile, self.signature, self.device, self.dtype = profile, sig, device, dtype
+        self.profile, self.device, self.dtype, self.outputs = profile, device, dtype, outputs
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         with torch.cuda.device(device):
@@ -234,42 +238,44 @@ class TrtRunner:
             raise EngineBuildError(f"TensorRT {trt.__version__} could not load {plan_path} "
                                    f"(built by another TensorRT version or GPU?)")
         self.context = self.engine.create_execution_context()
+        self._lock = threading.Lock()
         self._scratch: torch.Tensor | None = None
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names
                        if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        if OUTPUT not in names:
-            raise EngineBuildError(f"engine {plan_path} has tensors {names}; expected {OUTPUT!r}")
+        if not set(outputs) <= set(names):
+            raise EngineBuildError(f"engine {plan_path} has tensors {names}; expected outputs "
+                                   f"{list(outputs)}")
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor,
-                 encoder_hidden_states: torch.Tensor, down=None, mid=None,
-                 **added: torch.Tensor) -> torch.Tensor:
-        added = {**added, **self.signature.residual_feeds(sample, down, mid)}
-        feeds = self.feeds(sample, timestep, encoder_hidden_states, added)
+    def check_profile(self, sample: torch.Tensor, seq: int) -> None:
+        batch, _, height, width = sample.shape
+        if not self.profile.contains(batch, height, width, seq):
+            raise InvalidInputError(
+                f"sample {tuple(sample.shape)} with sequence {seq} is outside the engine's "
+                f"profile ({self.profile.describe()}); rebuild with a wider --min/--max")
+
+    def execute(self, feeds: dict[str, torch.Tensor], outs: dict[str, torch.Tensor],
+                sample: torch.Tensor) -> None:
+        """Run the engine on feeds into outs (tensors by name) on sample's current stream."""
         # Contiguous copies must outlive the enqueue; torch's allocator orders their reuse on
         # this same stream, so dropping them after the call is safe.
         keep = {name: t.contiguous() for name, t in feeds.items()}
-        out = self.signature.output_like(sample)
-        bind(self.context, self.inputs, keep, out, self.profile)
-        enqueue(self.context, sample)
-        return out
+        with self._lock:
+            bind(self.context, self.inputs, keep, outs, self.profile)
+            enqueue(self.context, sample)
 
-    def feeds(self, sample: torch.Tensor, timestep: torch.Tensor,
-              encoder_hidden_states: torch.Tensor, added: dict) -> dict[str, torch.Tensor]:
-        """The engine's inputs by name, checked against the signature and the profile."""
-        self.signature.check_call(sample, encoder_hidden_states, added, self.dtype)
-        batch, _, height, width = sample.shape
-        if not self.profile.contains(batch, height, width, encoder_hidden_states.shape[1]):
-            raise InvalidInputError(
-                f"sample {tuple(sample.shape)} with sequence {encoder_hidden_states.shape[1]} is "
-                f"outside the engine's profile ({self.profile.describe()}); rebuild with a wider "
-                f"--min/--max")
-        return {"sample": sample, "timestep": timestep.to(torch.float32),
-                "encoder_hidden_states": encoder_hidden_states, **added}
+    def graph_context(self) -> Any:
+        """A new execution context for one captured graph, on the shared activation buffer."""
+        import tensorrt as trt
 
-    def for_graph(self) -> "GraphTrtRunner":
-        """A runner for one captured loop (its own context and fixed addresses)."""
-        return GraphTrtRunner(self)
+        with torch.cuda.device(self.device):
+            context = self.engine.create_execution_context(
+                trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            if context is None:
+                raise EngineBuildError("TensorRT could not create an execution context for a graph")
+            scratch = self.graph_scratch()
+            context.set_device_memory(scratch.data_ptr(), scratch.numel())
+        return context
 
     def graph_scratch(self) -> torch.Tensor:
         """Activation memory shared by every graph's context (their replays never overlap)."""
@@ -279,62 +285,122 @@ class TrtRunner:
         return self._scratch
 
 
-class GraphTrtRunner:
-    """TrtRunner for one CUDA graph: own execution context, static I/O buffers.
+class GraphCall:
+    """One CUDA graph's calls of a TrtEngine: its own execution context, static I/O buffers.
 
     TensorRT's rules for capturing enqueue: input shapes and tensor addresses are set before
     capture and never change, and one enqueue runs before capture (the graph's warm-up loop
     makes it). Each call copies its inputs into the buffers (device copies, captured) and
-    enqueues; the returned output buffer is overwritten by the next call, which is how the
-    sampling loop uses it (each output is consumed before the next UNet call, in stream order).
+    enqueues; the returned output buffers are overwritten by the next call, which is how the
+    sampling loop uses them (each output is consumed before the next call, in stream order).
     A context per graph keeps one graph's shapes and addresses from moving under another's.
     The contexts share one activation buffer (USER_MANAGED) instead of one each: the graph
     cache replays them one at a time on one stream, so they never use it at the same time.
     """
 
-    def __init__(self, parent: TrtRunner):
-        import tensorrt as trt
-
-        self.parent = parent
-        with torch.cuda.device(parent.device):
-            self.context = parent.engine.create_execution_context(
-                trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-            if self.context is None:
-                raise EngineBuildError("TensorRT could not create an execution context for a graph")
-            scratch = parent.graph_scratch()
-            self.context.set_device_memory(scratch.data_ptr(), scratch.numel())
+    def __init__(self, parent: TrtEngine):
+        self.parent, self.context = parent, parent.graph_context()
         self.buffers: dict[str, torch.Tensor] = {}
-        self.out: torch.Tensor | None = None
+        self.outs: dict[str, torch.Tensor] | None = None
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor,
-                 encoder_hidden_states: torch.Tensor, down=None, mid=None,
-                 **added: torch.Tensor) -> torch.Tensor:
-        added = {**added, **self.parent.signature.residual_feeds(sample, down, mid)}
-        feeds = self.parent.feeds(sample, timestep, encoder_hidden_states, added)
-        if self.out is None:  # first call: the warm-up outside capture
+    def __call__(self, feeds: dict[str, torch.Tensor],
+                 outs_like: Callable[[], dict[str, torch.Tensor]],
+                 sample: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.outs is None:  # first call: the warm-up outside capture
             self.buffers = {name: t.contiguous().clone() for name, t in feeds.items()}
-            self.out = self.parent.signature.output_like(sample)
-            bind(self.context, self.parent.inputs, self.buffers, self.out, self.parent.profile)
+            self.outs = outs_like()
+            bind(self.context, self.parent.inputs, self.buffers, self.outs, self.parent.profile)
         for name, t in feeds.items():
             if t.shape != self.buffers[name].shape:
                 raise InvalidInputError(f"{name} of shape {tuple(t.shape)} in a graph captured "
                                         f"for {tuple(self.buffers[name].shape)}")
             self.buffers[name].copy_(t)
         enqueue(self.context, sample)
-        return self.out
+        return self.outs
 
 
-def bind(context: Any, inputs: list[str], feeds: dict[str, torch.Tensor], out: torch.Tensor,
-         profile: Profile) -> None:
-    """Set every input's shape and address and the output's address on context."""
+class TrtRunner(TrtEngine):
+    """The UNet's engine, called as the torch backend's runner is."""
+
+    def __init__(self, plan_path: Path, profile: Profile, sig: UNetSignature,
+                 device: torch.device, dtype: torch.dtype):
+        super().__init__(plan_path, profile, device, dtype, (OUTPUT,))
+        self.signature = sig
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor, down=None, mid=None,
+                 **added: torch.Tensor) -> torch.Tensor:
+        feeds = self.feeds(sample, timestep, encoder_hidden_states, down, mid, added)
+        out = self.signature.output_like(sample)
+        self.execute(feeds, {OUTPUT: out}, sample)
+        return out
+
+    def feeds(self, sample: torch.Tensor, timestep: torch.Tensor,
+              encoder_hidden_states: torch.Tensor, down, mid,
+              added: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The engine's inputs by name, checked against the signature and the profile."""
+        added = {**added, **self.signature.residual_feeds(sample, down, mid)}
+        self.signature.check_call(sample, encoder_hidden_states, added, self.dtype)
+        self.check_profile(sample, encoder_hidden_states.shape[1])
+        return {"sample": sample, "timestep": timestep.to(torch.float32),
+                "encoder_hidden_states": encoder_hidden_states, **added}
+
+    def for_graph(self) -> "GraphTrtRunner":
+        """A runner for one captured loop (its own context and fixed addresses)."""
+        return GraphTrtRunner(self)
+
+
+class GraphTrtRunner:
+    """TrtRunner for one CUDA graph (GraphCall)."""
+
+    def __init__(self, parent: TrtRunner):
+        self.parent, self.call = parent, GraphCall(parent)
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor, down=None, mid=None,
+                 **added: torch.Tensor) -> torch.Tensor:
+        feeds = self.parent.feeds(sample, timestep, encoder_hidden_states, down, mid, added)
+        outs = self.call(feeds, lambda: {OUTPUT: self.parent.signature.output_like(sample)}, sample)
+        return outs[OUTPUT]
+
+
+class TrtControlNet(ExportedControlNet):
+    """A ControlNet's engine (controlnet_export), called as diffusers' ControlNetModel is at
+    scale 1 without guess mode, on the same stream as the UNet's engine. graph: the calls of
+    one captured loop (for_graph), else eager calls on the engine's own context."""
+
+    def __init__(self, engine: TrtEngine, config: Any, graph: GraphCall | None = None):
+        super().__init__(config, engine.device, engine.dtype)
+        self.trt, self.graph = engine, graph
+
+    def _run(self, feeds: dict[str, torch.Tensor], sample: torch.Tensor) -> list[torch.Tensor]:
+        self.trt.check_profile(sample, feeds["encoder_hidden_states"].shape[1])
+
+        def outs_like() -> dict[str, torch.Tensor]:
+            return dict(zip(self.signature.output_names, self.signature.outputs_like(sample)))
+        if self.graph is not None:
+            return list(self.graph(feeds, outs_like, sample).values())
+        outs = outs_like()
+        self.trt.execute(feeds, outs, sample)
+        return list(outs.values())
+
+    def for_graph(self) -> "TrtControlNet":
+        """A runner for one captured loop (its own context and fixed addresses)."""
+        return TrtControlNet(self.trt, self.config, GraphCall(self.trt))
+
+
+def bind(context: Any, inputs: list[str], feeds: dict[str, torch.Tensor],
+         outs: dict[str, torch.Tensor], profile: Profile) -> None:
+    """Set every input's shape and address and every output's address on context."""
     for name in inputs:
         if not context.set_input_shape(name, tuple(feeds[name].shape)):
             raise InvalidInputError(f"TensorRT refused {name} of shape {tuple(feeds[name].shape)}; "
                                     f"expected a shape inside the profile {profile.describe()}")
         if not context.set_tensor_address(name, feeds[name].data_ptr()):
             raise EngineBuildError(f"TensorRT refused the address of {name}")
-    if not context.set_tensor_address(OUTPUT, out.data_ptr()):
-        raise EngineBuildError(f"TensorRT refused the address of {OUTPUT}")
+    for name, out in outs.items():
+        if not context.set_tensor_address(name, out.data_ptr()):
+            raise EngineBuildError(f"TensorRT refused the address of {name}")
 
 
 def enqueue(context: Any, sample: torch.Tensor) -> None:

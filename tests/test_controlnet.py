@@ -517,6 +517,195 @@ def test_onnxruntime_runs_exported_controlnets_beside_a_unet_with_residual_input
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_the_tensorrt_profiles_fit_the_exported_controlnet_and_unet_graphs(parts, tmp_path):
+    """TensorRT cannot run here; what a build would give it can be checked. At the min, opt and
+    max of a ControlNet's profile (the UNet engine's, batches from 1) the profile sets exactly
+    the exported graph's inputs but the 0-dim timestep, at their ranks; onnxruntime runs the
+    graph at each of those shapes, and the residuals it gives have the shapes the UNet engine's
+    profile sets for its residual inputs."""
+    import numpy as np
+    import onnx
+
+    from lumen.export.cache import ArtifactCache
+    from lumen.export.controlnet_export import ControlSignature, control_profile, export_cached
+    from lumen.export.onnx_export import UNetSignature
+    from lumen.export.ort_backend import make_session
+    from lumen.export.trt_backend import Profile
+
+    pipe, nets, _ = parts
+    path, _ = export_cached(nets[0], ArtifactCache(tmp_path), dtype=torch.float32)
+    unet_profile = Profile((2, 8, 8), (2, 16, 16), (4, 32, 24), seq=(77, 77, 154))
+    profile = control_profile(unet_profile)
+    assert (profile.min, profile.opt, profile.max) == ((1, 8, 8), (2, 16, 16), (4, 32, 24))
+    sig = ControlSignature.of(nets[0].config)
+    shapes = profile.input_shapes(sig)
+    ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in onnx.load(str(path)).graph.input}
+    assert set(ranks) == {"timestep", *shapes} and ranks["timestep"] == 0
+    assert shapes["controlnet_cond"] == ((1, 3, 16, 16), (2, 3, 32, 32), (4, 3, 64, 48))
+    unet = unet_profile.input_shapes(UNetSignature.of(pipe.unet.config, residuals=True))
+    session = make_session(path, torch.device("cpu"), torch.float32)
+    for level in range(3):
+        feeds = {name: np.random.rand(*s[level]).astype(np.float32) for name, s in shapes.items()}
+        assert all(v.ndim == ranks[name] for name, v in feeds.items())
+        outs = session.run(list(sig.output_names), {**feeds, "timestep": np.array(500, dtype=np.float32)})
+        batch = shapes["sample"][level][0]
+        assert [o.shape for o in outs] == [(batch, *unet[name][level][1:]) for name in sig.output_names]
+        assert shapes["sample"][level][1:] == unet["sample"][level][1:]
+
+
+def test_exported_controlnets_refuse_bad_input_early(parts, tmp_path):
+    """A control image of the wrong size or dtype is an error naming the shape, not an
+    onnxruntime crash; TensorRT without TensorRT, and bfloat16 with an exported ControlNet, are
+    refused before anything is exported."""
+    pytest.importorskip("onnxruntime", reason="the onnxruntime backend needs onnxruntime")
+    from lumen.engine.errors import BackendUnavailableError
+    from lumen.export.controlnet_export import load_controlnet_runner
+
+    pipe, nets, _ = parts
+    runner = load_controlnet_runner(nets[0], device="cpu", dtype=torch.float32,
+                                    cache_dir=tmp_path / "ok")
+    x, t, e = torch.randn(2, 4, 8, 8), torch.tensor(500.0), torch.randn(2, 77, 32)
+    cond = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        want = nets[0](x, t, e, cond, return_dict=False)
+    torch.testing.assert_close(runner(x, t, e, cond), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(engine.InvalidInputError,
+                       match=r"controlnet_cond of shape \(2, 3, 8, 8\); this ControlNet takes "
+                             r"\(2, 3, 16, 16\)"):
+        runner(x, t, e, torch.rand(2, 3, 8, 8))
+    with pytest.raises(engine.InvalidInputError, match="sample dtype torch.float16"):
+        runner(x.half(), t, e, torch.rand(2, 3, 16, 16))
+    with pytest.raises(engine.InvalidInputError, match="latent size 7x8"):
+        runner(x[..., :7, :], t, e, torch.rand(2, 3, 14, 16))
+    if not tensorrt_present():
+        with pytest.raises(BackendUnavailableError, match="'onnxruntime' or 'torch'"):
+            load_controlnet_runner(nets[0], "tensorrt", device="cpu", dtype=torch.float32,
+                                   cache_dir=tmp_path / "trt")
+        assert not (tmp_path / "trt").exists() or not any((tmp_path / "trt").iterdir())
+    with pytest.raises(engine.InvalidInputError, match="bfloat16 with a ControlNet on backend"):
+        engine.build(pipe, device="cpu", dtype=torch.bfloat16, backend="onnxruntime",
+                     controlnet=nets, backend_options={"cache_dir": tmp_path / "bf16"})
+    assert not (tmp_path / "bf16").exists() or not any((tmp_path / "bf16").iterdir())
+
+
+def test_lumen_build_prebuilds_the_controlnets_engine_build_then_finds(parts, tmp_path, capsys):
+    """`lumen build MODEL --controlnet FOLDER` exports the UNet with residual inputs and each
+    ControlNet; engine.build with the same ControlNet then finds every artifact in the cache
+    and makes none."""
+    from lumen.cli import main
+
+    pipe, nets, images = parts
+    pipe.save_pretrained(tmp_path / "model")
+    nets[1].save_pretrained(tmp_path / "edges")
+    cache = tmp_path / "cache"
+    args = ["build", str(tmp_path / "model"), "--backend", "onnxruntime", "--dtype", "float32",
+            "--device", "cpu", "--opt", "2x64x64", "--controlnet", str(tmp_path / "edges"),
+            "--cache-dir", str(cache)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "onnxruntime artifact (built)" in err and "ControlNet 0 onnxruntime artifact (built)" in err
+    made = sorted(p.name for p in cache.iterdir())
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 2  # UNet and ControlNet entries
+    eng = engine.build(str(tmp_path / "model"), device="cpu", dtype=torch.float32,
+                       backend="onnxruntime", controlnet=str(tmp_path / "edges"),
+                       backend_options={"cache_dir": cache})
+    assert sorted(p.name for p in cache.iterdir()) == made
+    ref = engine.build(pipe, scheduler=pipe.scheduler, device="cpu", controlnet=nets[1])
+    torch.testing.assert_close(ours(eng.with_config(ref.config), images[1:]),
+                               ours(ref, images[1:]), rtol=1e-4, atol=1e-4)
+    assert main(args) == 0
+    assert "ControlNet 0 onnxruntime artifact (cache hit)" in capsys.readouterr().err
+
+
+def tensorrt_present() -> bool:
+    try:
+        import tensorrt
+    except ImportError:
+        return False
+    return hasattr(tensorrt, "Builder")  # tensorrt-stubs alone imports as an empty package
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and tensorrt_present()),
+                    reason="TensorRT engines need the tensorrt package and a CUDA GPU")
+def test_tensorrt_runs_controlnet_engines_beside_the_unet_engine(parts, tmp_path):
+    """backend='tensorrt': each ControlNet's engine beside the residual-input UNet engine gives
+    the torch backend's latents (TensorRT may use TF32 in fp32 networks: 2e-2), eagerly and
+    replayed from the whole-loop graph (the same engines: 1e-4), with guess mode's half batch."""
+    import copy
+
+    pipe, nets, images = copy.deepcopy(parts)
+    options = {"cache_dir": tmp_path, "min_shape": (1, 32, 32), "opt_shape": (2, 32, 32),
+               "max_shape": (2, 32, 32)}
+    trt = engine.build(pipe, scheduler=pipe.scheduler, device="cuda", dtype=torch.float32,
+                       backend="tensorrt", controlnet=nets, backend_options=options,
+                       cuda_graph=False)
+    assert type(trt.control_runners[0]).__name__ == "TrtControlNet"
+    ref = engine.build(pipe, scheduler=pipe.scheduler, device="cuda", dtype=torch.float32,
+                       controlnet=nets, cuda_graph=False)
+    graphed = engine.Engine(trt.components, trt.config, trt.runner, trt.device, trt.dtype,
+                            "tensorrt", cuda_graph=True, control_runners=trt.control_runners)
+    for kw in ({}, dict(guess_mode=True),
+               dict(control_guidance_start=[0.0, 0.4], controlnet_conditioning_scale=[0.7, 1.2])):
+        got = ours(trt, images, **kw)
+        torch.testing.assert_close(got, ours(ref, images, **kw), rtol=0, atol=2e-2)
+        torch.testing.assert_close(ours(graphed, images, **kw), got, rtol=0, atol=1e-4)
+    assert graphed.graphs.captures == 3
+
+
+class PerGraph:
+    """A ControlNet runner with per-graph state, as TensorRT's is (TrtControlNet.for_graph):
+    a captured loop or step must call its own instance, never the engine's."""
+
+    def __init__(self, net, made: list):
+        self.net, self.config, self.made, self.calls = net, net.config, made, 0
+
+    def __call__(self, *args, **kw):
+        self.calls += 1
+        return self.net(*args, **kw)
+
+    def for_graph(self):
+        self.made.append(PerGraph(self.net, self.made))
+        return self.made[-1]
+
+
+def test_captured_loops_and_step_graphs_call_their_own_controlnet_runners(parts):
+    """The whole-loop graph and the step scheduler's step graphs take per-graph ControlNet
+    runners (for_graph) as they take the UNet's, and their images equal the eager engine's."""
+    from lumen.engine.graphs import GraphCache
+    from lumen.serve.batcher import Batcher
+    from lumen.serve.jobs import Job
+
+    from test_graphs import capture_by_rerun
+    from test_step_graphs import capture_by_rerun as capture_step_by_rerun
+
+    pipe, nets, images = parts
+    eager = engine.build(pipe, scheduler=pipe.scheduler, device="cpu", controlnet=nets)
+    made: list = []
+    own = tuple(PerGraph(net, made) for net in nets)
+    eng = engine.Engine(eager.components, eager.config, eager.runner, eager.device, eager.dtype,
+                        cuda_graph=True, graphs=GraphCache(4, capture=capture_by_rerun),
+                        control_runners=own)
+    torch.testing.assert_close(ours(eng, images), ours(eager, images), rtol=0, atol=0)
+    assert len(made) == 2 and all(r.calls > 0 for r in made) and [r.net for r in made] == nets
+    graphs = GraphCache(8, capture=capture_step_by_rerun)
+    batcher = Batcher(eng, max_batch=4, batch_wait_ms=300, output_type="latent", step_graphs=graphs)
+    requests = [dict(control_image=images), dict(control_image=[None, images[1]], guess_mode=True)]
+    try:
+        futures = [batcher.submit(Job.prepared(eng.prepare(
+            PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=5,
+            generator=torch.Generator().manual_seed(i), **kw))) for i, kw in enumerate(requests)]
+        results = [f.result(timeout=120) for f in futures]
+    finally:
+        batcher.stop()
+    assert graphs.replays == batcher.batches and len(made) > 2
+    assert all(r.calls == 0 for r in own)  # the engine's own runners never ran inside a graph
+    for i, (kw, got) in enumerate(zip(requests, results)):
+        want = eager.run(PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE,
+                         num_inference_steps=5, generator=torch.Generator().manual_seed(i),
+                         output_type="latent", **kw).images
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
 def ours_plain(eng):
     return eng.run(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=5, guidance_scale=7.5,
                    guidance_rescale=0.0, height=SIZE, width=SIZE, output_type="latent",
