@@ -69,7 +69,7 @@ def run_build(args: argparse.Namespace) -> int:
     if components.controlnets and dtype == torch.bfloat16:
         raise InvalidInputError("--dtype bfloat16 with a ControlNet: the ControlNet exports with "
                                 "TorchScript, which has no bfloat16 Conv; use float16 or float32")
-    unet = components.unet.to(dtype).eval()
+    unet = components.unet.to(args.device, dtype).eval()  # traced where it runs (CUDA for TensorRT)
     artifact = build(unet, args.backend, device=args.device, dtype=dtype,
                      cache_dir=args.cache_dir, min_shape=latent["min"],
                      opt_shape=latent["opt"], max_shape=latent["max"], exporter=args.exporter,
@@ -80,7 +80,8 @@ def run_build(args: argparse.Namespace) -> int:
     progress.note(f"entry size: {artifact.bytes / 2**20:.1f} MiB; "
                   f"profile: {artifact.profile.describe()}")
     for j, net in enumerate(components.controlnets):
-        control = build_controlnet(net.to(dtype).eval(), args.backend, device=args.device,
+        net = net.to(args.device, dtype).eval()
+        control = build_controlnet(net, args.backend, device=args.device,
                                    dtype=dtype, cache_dir=args.cache_dir,
                                    profile=artifact.profile,
                                    optimization_level=args.optimization_level, progress=progress)

@@ -15,8 +15,9 @@ import torch
 
 from lumen.engine.errors import InvalidInputError
 
-from .cache import ArtifactCache, key_of, weights_sha256
-from .onnx_export import (DTYPE_NAMES, OPSETS, UNetSignature, _quiet_exporter, check_export_args,
+from .cache import ArtifactCache, weights_sha256
+from .onnx_export import (_EXTERNAL_ABOVE, DTYPE_NAMES, OPSETS, UNetSignature,
+                          _consolidate_external_data, _quiet_exporter, check_export_args,
                           check_latent_size)
 from .progress import Progress
 
@@ -38,11 +39,12 @@ class ControlSignature:
     unet: UNetSignature
     cond_channels: int
     cond_factor: int
+    pooled: bool = False  # global_pool_conditions: every residual is [B, C, 1, 1]
 
     @classmethod
     def of(cls, config) -> "ControlSignature":
         return cls(UNetSignature.of(config, residuals=True), config.conditioning_channels,
-                   cond_factor(config))
+                   cond_factor(config), bool(getattr(config, "global_pool_conditions", False)))
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -63,11 +65,17 @@ class ControlSignature:
                                      width * self.cond_factor)
         return shapes
 
-    def outputs_like(self, sample: torch.Tensor) -> list[torch.Tensor]:
-        """Empty residuals for sample [B, C, H, W], in output_names order."""
+    def residual_shapes(self, sample: torch.Tensor) -> list[tuple[int, ...]]:
+        """The residuals' shapes for sample [B, C, H, W] as the UNet's graph takes them, in
+        output_names order."""
         batch, _, height, width = sample.shape
         shapes = self.unet.input_shapes(batch, height, width, 1)
-        return [sample.new_empty(shapes[name]) for name in self.output_names]
+        return [shapes[name] for name in self.output_names]
+
+    def outputs_like(self, sample: torch.Tensor) -> list[torch.Tensor]:
+        """Empty graph outputs for sample: the residuals, or [B, C, 1, 1] each when pooled."""
+        return [sample.new_empty(shape[:2] + (1, 1) if self.pooled else shape)
+                for shape in self.residual_shapes(sample)]
 
     def example(self, dtype: torch.dtype, batch: int = 2) -> dict[str, torch.Tensor]:
         """Random inputs of the right shapes, in input_names order (a control image in [0, 1])."""
@@ -114,6 +122,8 @@ def export_controlnet(net, path: Path, *, dtype: torch.dtype, exporter: str = "t
                           dynamo=False, input_names=list(input_names),
                           output_names=list(output_names), dynamic_axes=axes,
                           opset_version=OPSETS["torchscript"], do_constant_folding=True)
+    if sum(p.numel() * p.element_size() for p in net.parameters()) >= _EXTERNAL_ABOVE:
+        _consolidate_external_data(path)  # one controlnet.onnx.data, as the UNet's
     import onnx
 
     onnx.checker.check_model(str(path), full_check=True)
@@ -143,10 +153,7 @@ def export_cached(net, cache: ArtifactCache, *, dtype: torch.dtype,
         with phase(f"exporting the ControlNet to ONNX ({DTYPE_NAMES[dtype]})"):
             export_controlnet(net, staging / CONTROL_FILE, dtype=dtype)
 
-    found = cache.find(key_of(fields), fields)
-    hit = found is not None
-    if found is None:
-        found, hit = cache.get_or_build(fields, build)
+    found, hit = cache.get_or_build(fields, build)
     return found / CONTROL_FILE, hit
 
 
@@ -174,6 +181,8 @@ class ExportedControlNet:
                  "controlnet_cond": controlnet_cond.to(self.dtype), **(added_cond_kwargs or {})}
         self.check(feeds)
         outs = self._run({name: feeds[name] for name in self.signature.input_names}, sample)
+        if self.signature.pooled:  # broadcast as the UNet's own addition broadcasts them
+            outs = [o.expand(shape) for o, shape in zip(outs, self.signature.residual_shapes(sample))]
         return outs[:-1], outs[-1]
 
     def check(self, feeds: dict[str, torch.Tensor]) -> None:

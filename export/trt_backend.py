@@ -221,8 +221,9 @@ def build_cached(onnx_path: Path, onnx_sha256: str, cache: ArtifactCache, profil
 
 class TrtEngine:
     """A deserialized plan and one execution context for eager calls, enqueued on the current
-    torch stream. A lock makes each call's bind + enqueue one step, so threads sharing the
-    engine never enqueue with each other's shapes or addresses."""
+    torch stream. A context runs one enqueue at a time (its activation memory is one buffer):
+    under a lock, each call binds, waits on the stream for the previous call's enqueue (which
+    may be on another thread's stream), enqueues and records its own."""
 
     def __init__(self, plan_path: Path, profile: Profile, device: torch.device,
                  dtype: torch.dtype, outputs: tuple[str, ...]):
@@ -239,6 +240,7 @@ class TrtEngine:
                                    f"(built by another TensorRT version or GPU?)")
         self.context = self.engine.create_execution_context()
         self._lock = threading.Lock()
+        self._done: torch.cuda.Event | None = None  # the last eager enqueue
         self._scratch: torch.Tensor | None = None
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names
@@ -260,9 +262,14 @@ class TrtEngine:
         # Contiguous copies must outlive the enqueue; torch's allocator orders their reuse on
         # this same stream, so dropping them after the call is safe.
         keep = {name: t.contiguous() for name, t in feeds.items()}
-        with self._lock:
+        with self._lock, torch.cuda.device(self.device):
+            stream = torch.cuda.current_stream(self.device)
+            if self._done is not None:
+                stream.wait_event(self._done)
             bind(self.context, self.inputs, keep, outs, self.profile)
             enqueue(self.context, sample)
+            self._done = torch.cuda.Event()
+            self._done.record(stream)
 
     def graph_context(self) -> Any:
         """A new execution context for one captured graph, on the shared activation buffer."""
@@ -299,23 +306,28 @@ class GraphCall:
     """
 
     def __init__(self, parent: TrtEngine):
-        self.parent, self.context = parent, parent.graph_context()
+        self.parent = parent
+        self.context: Any = None  # made on the first call: a graph may never call this engine
         self.buffers: dict[str, torch.Tensor] = {}
         self.outs: dict[str, torch.Tensor] | None = None
 
     def __call__(self, feeds: dict[str, torch.Tensor],
                  outs_like: Callable[[], dict[str, torch.Tensor]],
                  sample: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.outs is None:  # first call: the warm-up outside capture
-            self.buffers = {name: t.contiguous().clone() for name, t in feeds.items()}
-            self.outs = outs_like()
-            bind(self.context, self.parent.inputs, self.buffers, self.outs, self.parent.profile)
-        for name, t in feeds.items():
-            if t.shape != self.buffers[name].shape:
-                raise InvalidInputError(f"{name} of shape {tuple(t.shape)} in a graph captured "
-                                        f"for {tuple(self.buffers[name].shape)}")
-            self.buffers[name].copy_(t)
-        enqueue(self.context, sample)
+        with torch.cuda.device(self.parent.device):
+            if self.outs is None:  # first call: the warm-up outside capture
+                if self.context is None:
+                    self.context = self.parent.graph_context()
+                buffers = {name: t.contiguous().clone() for name, t in feeds.items()}
+                outs = outs_like()
+                bind(self.context, self.parent.inputs, buffers, outs, self.parent.profile)
+                self.buffers, self.outs = buffers, outs
+            for name, t in feeds.items():
+                if t.shape != self.buffers[name].shape:
+                    raise InvalidInputError(f"{name} of shape {tuple(t.shape)} in a graph "
+                                            f"captured for {tuple(self.buffers[name].shape)}")
+                self.buffers[name].copy_(t)
+            enqueue(self.context, sample)
         return self.outs
 
 

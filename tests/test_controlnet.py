@@ -588,6 +588,39 @@ def test_exported_controlnets_refuse_bad_input_early(parts, tmp_path):
     assert not (tmp_path / "bf16").exists() or not any((tmp_path / "bf16").iterdir())
 
 
+def test_an_exported_pooled_controlnet_broadcasts_its_residuals_as_torch_does(parts, tmp_path):
+    """A ControlNet with global_pool_conditions (e.g. shuffle) returns [B, C, 1, 1] residuals,
+    which the UNet broadcasts: its exported graph's outputs have that shape (the runner's
+    buffers must too, or TensorRT would fill a few values of a larger uninitialised one), and
+    the onnxruntime engine's image equals the torch backend's."""
+    pytest.importorskip("onnxruntime", reason="the onnxruntime backend needs onnxruntime")
+    from diffusers import ControlNetModel
+
+    from lumen.export.controlnet_export import load_controlnet_runner
+
+    pipe, nets, images = parts
+    pooled = ControlNetModel.from_config(nets[0].config, global_pool_conditions=True)
+    pooled.load_state_dict(nets[0].state_dict())
+    pooled.eval()
+    runner = load_controlnet_runner(pooled, device="cpu", dtype=torch.float32,
+                                    cache_dir=tmp_path)
+    x, t, e = torch.randn(2, 4, 8, 8), torch.tensor(500.0), torch.randn(2, 77, 32)
+    cond = torch.rand(2, 3, 16, 16)
+    graph = runner._run({"sample": x, "timestep": t, "encoder_hidden_states": e,
+                         "controlnet_cond": cond}, x)
+    assert [tuple(o.shape) for o in graph] == [(2, c, 1, 1) for c in (32, 32, 32, 64, 64)]
+    # the buffers the CUDA runners bind (IOBinding, TensorRT) are the graph's outputs
+    assert [o.shape for o in runner.signature.outputs_like(x)] == [o.shape for o in graph]
+    down, mid = runner(x, t, e, cond)
+    assert tuple(down[-1].shape) == (2, 64, 4, 4) and tuple(mid.shape) == (2, 64, 4, 4)
+    ort = engine.build(pipe, scheduler=pipe.scheduler, device="cpu", backend="onnxruntime",
+                       controlnet=pooled, backend_options={"cache_dir": tmp_path})
+    ref = engine.build(pipe, scheduler=pipe.scheduler, device="cpu", controlnet=pooled)
+    want = ours(ref, images[:1])
+    torch.testing.assert_close(ours(ort, images[:1]), want, rtol=1e-4, atol=1e-4)
+    assert (want - ours_plain(ref)).abs().max() > 1e-2  # the pooled control changes the image
+
+
 def test_lumen_build_prebuilds_the_controlnets_engine_build_then_finds(parts, tmp_path, capsys):
     """`lumen build MODEL --controlnet FOLDER` exports the UNet with residual inputs and each
     ControlNet; engine.build with the same ControlNet then finds every artifact in the cache
