@@ -65,17 +65,15 @@ def build(model, scheduler=None, backend: str = "torch", device=None, dtype=None
     set_vae_options(components.vae, vae_slicing, vae_tiling)
     config = sampler_config(scheduler, components.scheduler_config)
     control = bool(components.controlnets) and backend != "torch"
-    if control and dtype == torch.bfloat16:  # before minutes of UNet export
-        raise InvalidInputError(f"dtype=torch.bfloat16 with a ControlNet on backend {backend!r}: "
-                                "the ControlNet exports with TorchScript, which has no bfloat16 "
-                                "Conv; use dtype float16 or float32, or backend 'torch'")
+    if control:
+        from lumen.export.controlnet_export import check_dtype, load_controlnet_runner
+
+        check_dtype(dtype)  # before minutes of UNet export
     runner = unet_runner(components.unet, backend, device, dtype,
                          {**options, "residuals": True} if control else options, compile_mode,
                          components.loras)
     control_runners = None  # torch: the ControlNet modules themselves
     if control:  # exported ControlNets (TensorRT: engines for the UNet's profile) beside the UNet
-        from lumen.export.controlnet_export import load_controlnet_runner
-
         keep = {k: v for k, v in options.items()
                 if k in ("cache_dir", "provider", "optimization_level")}
         control_runners = tuple(

@@ -12,7 +12,7 @@ from lumen.engine.cli import add_lora_argument
 from lumen.engine.errors import InvalidInputError
 
 from . import BACKENDS, build
-from .controlnet_export import build_controlnet
+from .controlnet_export import build_controlnet, check_dtype
 from .onnx_export import DTYPES, EXPORTERS
 from .progress import Progress
 
@@ -66,9 +66,8 @@ def run_build(args: argparse.Namespace) -> int:
     latent = {name: to_latent(getattr(args, name), components.vae_scale_factor)
               for name in ("min", "opt", "max")}
     dtype = DTYPES[args.dtype]
-    if components.controlnets and dtype == torch.bfloat16:
-        raise InvalidInputError("--dtype bfloat16 with a ControlNet: the ControlNet exports with "
-                                "TorchScript, which has no bfloat16 Conv; use float16 or float32")
+    if components.controlnets:
+        check_dtype(dtype)
     unet = components.unet.to(args.device, dtype).eval()  # traced where it runs (CUDA for TensorRT)
     artifact = build(unet, args.backend, device=args.device, dtype=dtype,
                      cache_dir=args.cache_dir, min_shape=latent["min"],

@@ -100,6 +100,15 @@ class _ControlForward(torch.nn.Module):
         return (*down, mid)
 
 
+def check_dtype(dtype: torch.dtype) -> None:
+    """Refuse bfloat16 before any export: the ControlNet exports with TorchScript (opset 17),
+    whose Conv has no bfloat16 type."""
+    if dtype == torch.bfloat16:
+        raise InvalidInputError("dtype bfloat16 with an exported ControlNet (backend onnxruntime "
+                                "or tensorrt): the ControlNet exports with TorchScript, which has "
+                                "no bfloat16 Conv; use float16 or float32, or backend 'torch'")
+
+
 def export_controlnet(net, path: Path, *, dtype: torch.dtype, exporter: str = "torchscript") -> float:
     """Write a ControlNet's graph to path, check it; returns export seconds."""
     check_export_args(net, dtype, exporter)

@@ -582,7 +582,7 @@ def test_exported_controlnets_refuse_bad_input_early(parts, tmp_path):
             load_controlnet_runner(nets[0], "tensorrt", device="cpu", dtype=torch.float32,
                                    cache_dir=tmp_path / "trt")
         assert not (tmp_path / "trt").exists() or not any((tmp_path / "trt").iterdir())
-    with pytest.raises(engine.InvalidInputError, match="bfloat16 with a ControlNet on backend"):
+    with pytest.raises(engine.InvalidInputError, match="dtype bfloat16 with an exported ControlNet"):
         engine.build(pipe, device="cpu", dtype=torch.bfloat16, backend="onnxruntime",
                      controlnet=nets, backend_options={"cache_dir": tmp_path / "bf16"})
     assert not (tmp_path / "bf16").exists() or not any((tmp_path / "bf16").iterdir())
