@@ -241,7 +241,7 @@ class TrtEngine:
         self.context = self.engine.create_execution_context()
         self._lock = threading.Lock()
         self._done: torch.cuda.Event | None = None  # the last eager enqueue
-        self._scratch: torch.Tensor | None = None
+        self._scratch: dict[int, torch.Tensor] = {}  # by replay stream (graph_scratch)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names
                        if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -271,8 +271,9 @@ class TrtEngine:
             self._done = torch.cuda.Event()
             self._done.record(stream)
 
-    def graph_context(self) -> Any:
-        """A new execution context for one captured graph, on the shared activation buffer."""
+    def graph_context(self, stream: int) -> Any:
+        """A new execution context for one captured graph, on the activation buffer of the
+        graphs that replay on `stream` (graph_scratch)."""
         import tensorrt as trt
 
         with torch.cuda.device(self.device):
@@ -280,16 +281,18 @@ class TrtEngine:
                 trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             if context is None:
                 raise EngineBuildError("TensorRT could not create an execution context for a graph")
-            scratch = self.graph_scratch()
+            scratch = self.graph_scratch(stream)
             context.set_device_memory(scratch.data_ptr(), scratch.numel())
         return context
 
-    def graph_scratch(self) -> torch.Tensor:
-        """Activation memory shared by every graph's context (their replays never overlap)."""
-        if self._scratch is None:
+    def graph_scratch(self, stream: int) -> torch.Tensor:
+        """Activation memory shared by the contexts of the graphs that replay on one stream
+        (a graph cache's: it replays them one at a time); graphs that may replay at the same
+        time on other streams (another cache's) get their own."""
+        if stream not in self._scratch:
             size = self.engine.device_memory_size_v2
-            self._scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
-        return self._scratch
+            self._scratch[stream] = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+        return self._scratch[stream]
 
 
 class GraphCall:
@@ -301,12 +304,15 @@ class GraphCall:
     enqueues; the returned output buffers are overwritten by the next call, which is how the
     sampling loop uses them (each output is consumed before the next call, in stream order).
     A context per graph keeps one graph's shapes and addresses from moving under another's.
-    The contexts share one activation buffer (USER_MANAGED) instead of one each: the graph
-    cache replays them one at a time on one stream, so they never use it at the same time.
+    The contexts of graphs that replay on one stream share one activation buffer (USER_MANAGED)
+    instead of one each: a graph cache makes and replays its graphs on its own stream, one at a
+    time, so they never use it at the same time. The stream is the one current when the graph's
+    runners are made (GraphCache.replay calls make_fn on the cache's stream).
     """
 
     def __init__(self, parent: TrtEngine):
         self.parent = parent
+        self.stream = torch.cuda.current_stream(parent.device).cuda_stream  # where it replays
         self.context: Any = None  # made on the first call: a graph may never call this engine
         self.buffers: dict[str, torch.Tensor] = {}
         self.outs: dict[str, torch.Tensor] | None = None
@@ -317,7 +323,7 @@ class GraphCall:
         with torch.cuda.device(self.parent.device):
             if self.outs is None:  # first call: the warm-up outside capture
                 if self.context is None:
-                    self.context = self.parent.graph_context()
+                    self.context = self.parent.graph_context(self.stream)
                 buffers = {name: t.contiguous().clone() for name, t in feeds.items()}
                 outs = outs_like()
                 bind(self.context, self.parent.inputs, buffers, outs, self.parent.profile)
